@@ -1,0 +1,311 @@
+"""Data: the BUSI loader, a generic images/masks loader, a synthetic phantom, splits, augmentation.
+
+Every source gives the same thing, a `Dataset`: images and masks decoded and resized once, kept in
+memory as uint8 tensors (N, 1, S, S) (masks hold 0/1, never 0/255), plus per image a name, a class
+and a hash of its pixels. Training then indexes whole batches out of these tensors on the device
+and augments them there with torch ops: no DataLoader, no worker processes, no per-image Python.
+"""
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+BUSI_CLASSES = ("benign", "malignant", "normal")
+IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+class UserError(Exception):
+    """Bad input from the user (a file or an option). The scripts print it as one line, exit 2."""
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # (N, 1, S, S) uint8 grey levels
+    masks: torch.Tensor   # (N, 1, S, S) uint8 in {0, 1}, lesion = 1
+    names: list           # e.g. "benign/benign (12).png": what a split stores
+    labels: list          # class name per image: what splits stratify by
+    hashes: list          # sha1 of the decoded full-size pixels: identical images share one
+    source: str           # "busi", "folder" or "phantom"
+
+    def __len__(self):
+        return len(self.names)
+
+    def fingerprint(self):
+        """One hash of every name and pixel hash: two datasets with equal fingerprints are equal."""
+        return hashlib.sha1("".join(n + h for n, h in zip(self.names, self.hashes)).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _open(path, mode):
+    """Decode a file into a PIL image of `mode`, or raise a one-line UserError naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)  # RGB, RGBA, 1-bit and palette files all become grey ("L")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read this image ({e}); re-download or remove it") from None
+
+
+def _binarise(mask):
+    """uint8 array -> {0, 1}. Threshold at half the file's maximum, so 0/255 and 0/1 files both work."""
+    return (mask > mask.max() // 2).astype(np.uint8)  # all-zero masks stay all zero
+
+
+def _load_pair(image_path, mask_paths, size):
+    """Image and the union of its masks, resized to size x size: (image, mask, pixel hash)."""
+    image = _open(image_path, "L")
+    mask = np.zeros((image.height, image.width), np.uint8)
+    for mp in mask_paths:
+        m = _open(mp, "L")
+        if m.size != image.size:
+            raise UserError(f"{mp}: mask is {m.width}x{m.height} but its image {os.path.basename(image_path)} "
+                            f"is {image.width}x{image.height}; fix or remove the pair")
+        mask |= _binarise(np.asarray(m))  # an image with several lesions: the union of its masks
+    pixels = np.asarray(image)
+    digest = hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
+    # The paper resizes to a square (224 x 224) without keeping the aspect ratio; so do we.
+    image = np.asarray(image.resize((size, size), Image.BILINEAR))
+    mask = np.asarray(Image.fromarray(mask * 255).resize((size, size), Image.NEAREST)) // 255
+    return image, mask, digest
+
+
+def _stack(pairs, names, labels, source):
+    if not pairs:
+        raise UserError("no images found")
+    images = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+    masks = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+    return Dataset(images, masks, names, labels, [p[2] for p in pairs], source)
+
+
+def _listdir(folder):
+    """Files of a folder, without the clutter operating systems leave (.DS_Store, ._* ...)."""
+    return sorted(f for f in os.listdir(folder) if f not in IGNORED_FILES and not f.startswith("._")
+                  and os.path.isfile(os.path.join(folder, f)))
+
+
+def load_busi(root, classes=("benign", "malignant"), size=224):
+    """BUSI in its original layout: root/{benign,malignant,normal}/ with "benign (12).png",
+    its mask "benign (12)_mask.png" and, for extra lesions, "benign (12)_mask_1.png", ...
+
+    The lesion mask of an image is the union of all its mask files. `normal` images (empty masks)
+    are opt-in: the common BUSI protocol, and ours, segments benign + malignant (647 images).
+    """
+    pairs, names, labels = [], [], []
+    for cls in classes:
+        folder = os.path.join(root, cls)
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder}: class folder not found; is {root} the Dataset_BUSI_with_GT folder?")
+        pngs = [f for f in _listdir(folder) if f.lower().endswith(".png")]
+        stems = [f[:-4] for f in pngs if "_mask" not in f]
+        if not stems:
+            raise UserError(f"{folder}: no images in this class folder; re-download BUSI or drop the class")
+        masks = {s: [] for s in stems}
+        for f in pngs:
+            if "_mask" in f:
+                stem = f[:f.index("_mask")]
+                if stem not in masks:
+                    raise UserError(f"{os.path.join(folder, f)}: mask without an image {stem}.png; "
+                                    f"restore the image or remove the mask")
+                masks[stem].append(os.path.join(folder, f))
+        for s in sorted(stems, key=_natural):
+            if not masks[s]:
+                raise UserError(f"{os.path.join(folder, s + '.png')}: image has no mask {s}_mask.png; "
+                                f"add it or remove the image")
+            pairs.append(_load_pair(os.path.join(folder, s + ".png"), sorted(masks[s]), size))
+            names.append(f"{cls}/{s}.png")
+            labels.append(cls)
+    return _stack(pairs, names, labels, "busi")
+
+
+def _natural(stem):
+    """Sort "benign (2)" before "benign (10)"."""
+    digits = "".join(c for c in stem if c.isdigit())
+    return (stem.split("(")[0], int(digits) if digits else -1, stem)
+
+
+def load_folder(root, size=224):
+    """A generic layout: root/images/NAME.ext and root/masks/NAME.ext (any PIL format), matched
+    by file name without extension; a mask may also be named NAME_mask.ext. This is the layout
+    of the UDIAT "Dataset B" used by the main paper and of most users' own data. Images are
+    stratified by whether their mask holds a lesion."""
+    img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    mask_files = {os.path.splitext(f)[0]: f for f in _listdir(mask_dir)}
+    pairs, names, labels = [], [], []
+    for f in _listdir(img_dir):
+        stem = os.path.splitext(f)[0]
+        m = mask_files.get(stem) or mask_files.get(stem + "_mask")
+        if m is None:
+            raise UserError(f"{os.path.join(img_dir, f)}: no mask named {stem}.* in {mask_dir}; add it or remove the image")
+        pairs.append(_load_pair(os.path.join(img_dir, f), [os.path.join(mask_dir, m)], size))
+        names.append(f)
+        labels.append("lesion" if pairs[-1][1].any() else "empty")
+    if not pairs:
+        raise UserError(f"{img_dir}: no images in this folder")
+    return _stack(pairs, names, labels, "folder")
+
+
+def load_data(path, classes=("benign", "malignant"), size=224, phantom_count=240, seed=0):
+    """`path` is "phantom", a BUSI folder, or a folder holding images/ and masks/."""
+    if path == "phantom":
+        return make_phantom(phantom_count, size, seed, classes)
+    if not os.path.isdir(path):
+        raise UserError(f"--data {path}: folder not found; give the Dataset_BUSI_with_GT folder, "
+                        f"a folder with images/ and masks/, or 'phantom'")
+    if any(os.path.isdir(os.path.join(path, c)) for c in BUSI_CLASSES):
+        return load_busi(path, classes, size)
+    if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, "masks")):
+        return load_folder(path, size)
+    raise UserError(f"--data {path}: neither BUSI's layout (benign/ malignant/ normal/) "
+                    f"nor images/ + masks/ inside it")
+
+
+# ----------------------------------------------------------------------------- the phantom
+
+def _smooth_noise(g, size, cells):
+    """Random field varying over about `cells` cells across the image, values in about [-1, 1]."""
+    return F.interpolate(torch.randn(1, 1, cells, cells, generator=g), size=(size, size),
+                         mode="bicubic", align_corners=False)[0, 0].clamp(-2, 2) / 2
+
+
+def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
+    """Synthetic B-mode breast ultrasound, no download needed. Per image:
+    tissue layers (skin, fat, glandular tissue, chest wall) with a smooth texture, one hypoechoic
+    (dark) lesion, speckle (the magnitude of low-pass complex Gaussian noise: Rayleigh
+    statistics, as in real echo), depth attenuation, and log compression to 8 bits.
+    benign: smooth oval, wider than tall, slight posterior enhancement (brighter below it);
+    malignant: irregular, spiculated outline, often taller than wide, posterior acoustic shadow;
+    normal (opt-in): no lesion. Deterministic from `seed`. Sizes vary from tiny to large lesions.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    pairs, names, labels = [], [], []
+    for i in range(count):
+        cls = classes[i % len(classes)]
+        # tissue layers whose wavy boundaries depend on x
+        fat_end = 0.18 + 0.08 * _smooth_noise(g, size, 3)[0] + u(0, 0.08)
+        wall = 0.78 + 0.08 * _smooth_noise(g, size, 3)[0] + u(-0.05, 0.1)
+        tissue = torch.where(y < 0.03, 1.0, torch.where(y < fat_end, 0.35, torch.where(y < wall, 0.75, 0.4)))
+        tissue = tissue * (1 + 0.35 * _smooth_noise(g, size, 12))
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        if cls != "normal":
+            cy, cx, r = u(0.3, 0.62), u(0.25, 0.75), u(0.04, 0.2)
+            aspect = u(1.2, 1.8) if cls == "benign" else u(0.7, 1.3)  # width / height
+            angle = torch.atan2(y - cy, (x - cx) / aspect)
+            dist = torch.sqrt(((x - cx) / aspect) ** 2 + (y - cy) ** 2)
+            edge = torch.ones_like(angle)
+            for k in ([1, 2] if cls == "benign" else [2, 3, 5, 7, 9, 11]):  # outline harmonics
+                amp = u(0, 0.06) if cls == "benign" else u(0.03, 0.12) * 3 / k ** 0.5
+                edge = edge + amp * torch.cos(k * angle + u(0, 2 * math.pi))
+            mask = dist < r * edge.clamp(min=0.5)
+            below = (y > cy) & ((x - cx).abs() < r * aspect * 0.9)
+            fade = torch.exp(-(y - cy) / 0.3)
+            tissue = tissue * torch.where(below, 1 - u(0.4, 0.7) * fade if cls == "malignant"
+                                          else 1 + u(0.1, 0.3) * fade, torch.ones(()))
+            inside = F.avg_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0]  # soft edge
+            tissue = tissue * (1 - inside * u(0.55, 0.85))
+        grain = max(1, size // 112)  # speckle grain about 2 pixels at 224 px
+        noise = torch.randn(2, 1, size, size, generator=g)
+        noise = F.avg_pool2d(noise, 2 * grain + 1, 1, grain)
+        speckle = noise.pow(2).sum(0)[0].sqrt()
+        speckle = speckle / speckle.mean()
+        echo = tissue * speckle * torch.exp(-u(0.6, 1.6) * y)
+        image = torch.log1p(30 * echo.clamp(min=0)) / math.log1p(30 * 2.5)
+        image = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        m = mask.numpy().astype(np.uint8)
+        pairs.append((image, m, hashlib.sha1(image.tobytes()).hexdigest()))
+        names.append(f"phantom/{cls} ({i}).png")
+        labels.append(cls)
+    return _stack(pairs, names, labels, "phantom")
+
+
+# ----------------------------------------------------------------------------- splits
+
+def make_splits(labels, hashes, folds=3, seed=0, val_fraction=0.15):
+    """k folds, stratified by class, deterministic from `seed`, leakage-safe.
+
+    Images with identical pixels (same hash) form one group and always land on the same side
+    of every boundary (BUSI holds one image under both benign and malignant). Groups of each
+    class are shuffled and dealt round-robin over the folds; fold i is the test part of split i,
+    and a `val_fraction` of each class's remaining groups is its validation part (for early
+    stopping); the rest is training. Returns a list of dicts of sorted index lists.
+    """
+    if folds < 2:
+        raise UserError(f"--folds {folds}: need at least 2 folds")
+    groups = {}  # hash -> indices, in order of first appearance
+    for i, h in enumerate(hashes):
+        groups.setdefault(h, []).append(i)
+    by_class = {}
+    for members in groups.values():
+        by_class.setdefault(labels[members[0]], []).append(members)
+    rng = np.random.default_rng(seed)
+    fold_of, start = {}, 0
+    for cls in sorted(by_class):
+        order = rng.permutation(len(by_class[cls]))
+        for j, g in enumerate(order):
+            fold_of[id(by_class[cls][g])] = (start + j) % folds
+        start += len(order)  # next class starts where this one stopped: balanced fold sizes
+    splits = []
+    for f in range(folds):
+        test, val, train = [], [], []
+        rng_val = np.random.default_rng([seed, f])
+        for cls in sorted(by_class):
+            rest = [g for g in by_class[cls] if fold_of[id(g)] != f]
+            test += [i for g in by_class[cls] if fold_of[id(g)] == f for i in g]
+            n_val = int(round(val_fraction * len(rest)))
+            for j, g in enumerate(rng_val.permutation(len(rest))):
+                (val if j < n_val else train).extend(rest[g])
+        splits.append(dict(train=sorted(train), val=sorted(val), test=sorted(test)))
+    return splits
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+AUGMENT = {  # project's choice where the paper gives no numbers (PAPERS.md)
+    "none": dict(),
+    "weak": dict(flip=True, shift=0.05, zoom=(0.95, 1.05)),
+    "strong": dict(flip=True, shift=0.1, zoom=(0.8, 1.25), rotate=15, noise=0.03, dropout=0.01,
+                   brightness=0.1, contrast=(0.8, 1.25)),
+}
+
+
+def augment(images, masks, level):
+    """Random augmentation of a whole batch on its device.
+
+    images: float (N, 1, S, S) in [0, 1]; masks: (N, 1, S, S) in {0, 1}. One random affine map
+    per image (flip, rotation, zoom = random crop/scale, shift) warps image and mask alike through
+    affine_grid / grid_sample; then the image alone gets intensity changes, Gaussian noise and
+    pixel dropout. Returns (images, masks) with masks as {0, 1} floats.
+    """
+    p = AUGMENT[level]
+    masks = masks.float()
+    if not p:
+        return images, masks
+    n, dev = images.shape[0], images.device
+    rnd = lambda lo, hi: lo + (hi - lo) * torch.rand(n, device=dev)
+    angle = rnd(-1, 1) * math.radians(p.get("rotate", 0))
+    scale = 1 / rnd(*p["zoom"])  # zoom > 1 samples a smaller window: a random crop, scaled up
+    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if p["flip"] else torch.ones(n, device=dev)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, rnd(-1, 1) * 2 * p["shift"]], 1),
+                         torch.stack([sin * flip, cos, rnd(-1, 1) * 2 * p["shift"]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    if "brightness" in p:
+        images = images * rnd(*p["contrast"]).view(n, 1, 1, 1) + rnd(-1, 1).view(n, 1, 1, 1) * p["brightness"]
+        images = images + p["noise"] * torch.randn_like(images)
+        images = images * (torch.rand_like(images) >= p["dropout"])
+    return images.clamp(0, 1), masks
+
+
+def normalize(images):
+    """Intensity normalisation, per image: zero mean, unit standard deviation."""
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    std = images.std(dim=(1, 2, 3), keepdim=True)
+    return (images - mean) / (std + 1e-6)

@@ -1,0 +1,115 @@
+"""The U-Net (teacher and student are one class at two widths) and the HR pathway's regressor.
+
+Ronneberger et al. 2015, with BatchNorm and padded convolutions so output size == input size.
+Widths per level are (w, 2w, 4w, 8w, 16w): w=64 gives the classic 31.0M-parameter U-Net (the
+teacher), w=112 about 95M (the main paper's teacher scale), w=10 about 0.76M (the student).
+
+The forward pass returns the feature maps distillation reads, by name, so a reader sees exactly
+which tensor a pathway compares (no forward hooks):
+    enc1..enc4  encoder levels, full to 1/8 resolution, widths w..8w (the skip connections)
+    bottleneck  the encoder's output at 1/16 resolution, width 16w (the paper's "hidden" level)
+    dec4..dec1  decoder levels, 1/8 to full resolution, widths 8w..w
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv -> BatchNorm -> ReLU) x 2, the U-Net block."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """2x transposed-conv up-sampling, concatenate the encoder's skip, then a DoubleConv."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.conv = DoubleConv(2 * c_out, c_out)
+
+    def forward(self, x, skip):
+        x = self.up(x)
+        if x.shape[-2:] != skip.shape[-2:]:  # odd input sizes: pad up to the skip's size
+            dh, dw = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+            x = F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """U-Net with four down-sampling levels; `width` sets every level (w, 2w, 4w, 8w, 16w)."""
+
+    def __init__(self, width=64, in_channels=1, num_classes=2):
+        super().__init__()
+        self.config = dict(width=width, in_channels=in_channels, num_classes=num_classes)  # rebuilds it
+        w = [width * 2 ** i for i in range(5)]
+        self.inc = DoubleConv(in_channels, w[0])
+        self.downs = nn.ModuleList(DoubleConv(w[i], w[i + 1]) for i in range(4))
+        self.ups = nn.ModuleList(Up(w[i + 1], w[i]) for i in reversed(range(4)))
+        self.head = nn.Conv2d(w[0], num_classes, 1)
+        self.feature_channels = {f"enc{i + 1}": w[i] for i in range(4)}
+        self.feature_channels["bottleneck"] = w[4]
+        self.feature_channels.update({f"dec{i + 1}": w[i] for i in range(4)})
+
+    def forward(self, x, return_features=False):
+        """x: (N, in_channels, H, W) -> logits (N, num_classes, H, W) [, dict of feature maps]."""
+        feats = {"enc1": self.inc(x)}
+        h = feats["enc1"]
+        for i, down in enumerate(self.downs):
+            h = down(F.max_pool2d(h, 2))
+            feats[f"enc{i + 2}" if i < 3 else "bottleneck"] = h
+        for i, up in zip(reversed(range(4)), self.ups):
+            h = up(h, feats[f"enc{i + 1}"])
+            feats[f"dec{i + 1}"] = h
+        logits = self.head(h)
+        return (logits, feats) if return_features else logits
+
+
+class Regressor(nn.Sequential):
+    """HR pathway: maps the student's bottleneck (c_s channels) to the teacher's (c_t channels).
+
+    The paper: "two convolution layers followed by a ReLU". Project's choice: a 3x3 then a 1x1
+    convolution with a ReLU after each (two linear convolutions in a row would collapse into one
+    linear map; the last ReLU matches the teacher's non-negative, post-ReLU bottleneck). It trains
+    with the student and is thrown away afterwards: not counted in, nor saved with, the student.
+    """
+
+    def __init__(self, c_s, c_t):
+        super().__init__(nn.Conv2d(c_s, c_t, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_t, c_t, 1), nn.ReLU())
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_flops(model, size):
+    """Multiply-adds x 2 of every Conv2d / ConvTranspose2d in one forward pass at size x size.
+
+    Counted from each layer's output shape: out elements x (in_channels / groups) x kernel area.
+    Pooling, BatchNorm, ReLU and concatenation are ignored (well under 1% of the total).
+    """
+    flops = []
+
+    def hook(m, inp, out):
+        k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+        if isinstance(m, nn.ConvTranspose2d):  # each input pixel is spread over k*k outputs
+            flops.append(2 * inp[0].numel() * m.out_channels * m.kernel_size[0] * m.kernel_size[1])
+        else:
+            flops.append(2 * out.numel() * k)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, model.config["in_channels"], size, size, device=next(model.parameters()).device))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return sum(flops)
