@@ -119,6 +119,12 @@ def to_device(model, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
+def maybe_compile(model, flag):
+    """torch.compile(model) if asked: the returned callable shares the model's weights, so the
+    checkpoint keeps plain state_dict keys."""
+    return torch.compile(model) if flag else model
+
+
 def batch(data_images, data_masks, idx, aug="none"):
     """Index a batch out of the uint8 tensors on the device, augment it, normalise it."""
     x, y = augment(data_images[idx].float() / 255, data_masks[idx], aug)

@@ -40,6 +40,7 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("seed", 0, "seed of weights, batch order and augmentation"),
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
     ("amp", "auto", "mixed precision: auto, bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
+    ("compile", False, "torch.compile the training forward passes (faster on GPUs after a warm-up)"),
     ("out", str, "where the checkpoint goes (default: out/student_PATHWAY_LOSS.pt, out/student_alone.pt)"),
     # The data and split are the teacher's. Give --data if its folder moved; the rest only to check.
     ("data", str, "the teacher's data folder, if it is elsewhere on this machine (default: the teacher's)"),
@@ -55,8 +56,9 @@ SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed"
 PHANTOM_DEMO = dict(epochs=10, batch_size=8)  # a CPU minute or two, on the phantom
 
 
-def main():
-    args, given = kd.parse_args(OPTIONS, __doc__)
+def main(argv=None):
+    """Run with command-line words `argv` (default: sys.argv); returns the checkpoint's contents."""
+    args, given = kd.parse_args(OPTIONS, __doc__, argv)
     tck = kd.load_checkpoint(args.teacher, "teacher")
     targs = tck["args"]
     for k in SPLIT_OPTIONS:  # the teacher's split, or a clear refusal
@@ -98,13 +100,15 @@ def main():
           f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
           + f"; device {device}, precision {kd.precision_name(dtype)}")
 
+    student_fwd, teacher_fwd = kd.maybe_compile(student, args.compile), kd.maybe_compile(teacher, args.compile)
+
     def step(x, y):
-        s_logits, s_feats = student(x, return_features=True)
+        s_logits, s_feats = student_fwd(x, return_features=True)
         l_sup = supervised_loss(s_logits.float(), y, args.dice_weight)
         if args.pathway == "none":
             return dict(loss=l_sup)
         with torch.no_grad():
-            t_logits, t_feats = teacher(x, return_features=True)
+            t_logits, t_feats = teacher_fwd(x, return_features=True)
         l_kd = distillation_loss(args.pathway, args.loss, s_logits, s_feats, t_logits, t_feats, regressor, args.T)
         return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
 
@@ -112,7 +116,9 @@ def main():
 
     def save(epoch, val):
         meta.update(epoch=epoch, val=val)
-        kd.save_checkpoint(args.out, kd.make_checkpoint("student", student, args, data, split, **meta))
+        ckpt = kd.make_checkpoint("student", student, args, data, split, **meta)
+        kd.save_checkpoint(args.out, ckpt)
+        return ckpt
 
     t0 = time.time()
     best_epoch, best_state = kd.fit(student, images, masks, split, step, args, device, dtype, save, params)
@@ -125,7 +131,7 @@ def main():
         results[who]["names"] = names
     results["student"]["train_seconds"] = train_time
     meta.update(test=results["student"], teacher_test=results["teacher"])
-    save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
+    ckpt = save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
     print(f"test ({len(names)} images, fold {args.fold}):")
     for who, n in (("teacher", n_teacher), ("student", n_student)):
         r = results[who]
@@ -133,6 +139,7 @@ def main():
               f"  IoU {100 * r['iou']:5.2f}")
     print(f"  the student has {n_teacher / n_student:.1f}x fewer parameters; best epoch {best_epoch}; "
           f"trained {kd.fmt_time(train_time)}; saved {args.out}")
+    return ckpt
 
 
 if __name__ == "__main__":

@@ -33,13 +33,15 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("seed", 0, "seed of weights, batch order and augmentation"),
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
     ("amp", "auto", "mixed precision: auto, bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
+    ("compile", False, "torch.compile the training forward pass (faster on GPUs after a warm-up)"),
     ("out", "out/teacher.pt", "where the checkpoint goes"),
 ]
 PHANTOM_DEMO = dict(size=128, epochs=8, batch_size=8)  # a CPU minute or two, when no BUSI is present
 
 
-def main():
-    args, given = kd.parse_args(OPTIONS, __doc__)
+def main(argv=None):
+    """Run with command-line words `argv` (default: sys.argv); returns the checkpoint's contents."""
+    args, given = kd.parse_args(OPTIONS, __doc__, argv)
     kd.choose_data(args, given, PHANTOM_DEMO)
     if not args.out.endswith(".pt"):
         raise UserError(f"--out {args.out}: give a file name ending in .pt")
@@ -54,14 +56,18 @@ def main():
     print(f"teacher: U-Net width {args.width}, {kd.fmt_params(n_params)} parameters; "
           f"device {device}, precision {kd.precision_name(dtype)}")
 
+    forward = kd.maybe_compile(model, args.compile)
+
     def step(x, y):
-        return dict(loss=supervised_loss(model(x).float(), y, args.dice_weight))
+        return dict(loss=supervised_loss(forward(x).float(), y, args.dice_weight))
 
     meta = dict(parameters=n_params)  # what the checkpoint holds beside the weights
 
     def save(epoch, val):
         meta.update(epoch=epoch, val=val)
-        kd.save_checkpoint(args.out, kd.make_checkpoint("teacher", model, args, data, split, **meta))
+        ckpt = kd.make_checkpoint("teacher", model, args, data, split, **meta)
+        kd.save_checkpoint(args.out, ckpt)
+        return ckpt
 
     t0 = time.time()
     best_epoch, best_state = kd.fit(model, images, masks, split, step, args, device, dtype, save)
@@ -70,11 +76,12 @@ def main():
     test = kd.evaluate(model, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
     test.update(names=[data.names[i] for i in split["test"]], train_seconds=train_time)
     meta["test"] = test
-    save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
+    ckpt = save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
     print(f"teacher test ({len(split['test'])} images, fold {args.fold}): "
           f"Dice {100 * test['dice']:.2f} +- {100 * test['dice_std']:.2f}, IoU {100 * test['iou']:.2f}; "
           f"{kd.fmt_params(n_params)} parameters; best epoch {best_epoch}; trained {kd.fmt_time(train_time)}; "
           f"saved {args.out}")
+    return ckpt
 
 
 if __name__ == "__main__":
