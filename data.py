@@ -31,6 +31,7 @@ class Dataset:
     labels: list          # class name per image: what splits stratify by
     hashes: list          # sha1 of the decoded full-size pixels: identical images share one
     source: str           # "busi", "folder" or "phantom"
+    merged: int = 0       # images whose mask is the union of several mask files
 
     def __len__(self):
         return len(self.names)
@@ -74,12 +75,10 @@ def _load_pair(image_path, mask_paths, size):
     return image, mask, digest
 
 
-def _stack(pairs, names, labels, source):
-    if not pairs:
-        raise UserError("no images found")
+def _stack(pairs, names, labels, source, merged=0):
     images = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
     masks = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
-    return Dataset(images, masks, names, labels, [p[2] for p in pairs], source)
+    return Dataset(images, masks, names, labels, [p[2] for p in pairs], source, merged)
 
 
 def _listdir(folder):
@@ -95,7 +94,7 @@ def load_busi(root, classes=("benign", "malignant"), size=224):
     The lesion mask of an image is the union of all its mask files. `normal` images (empty masks)
     are opt-in: the common BUSI protocol, and ours, segments benign + malignant (647 images).
     """
-    pairs, names, labels = [], [], []
+    pairs, names, labels, all_masks = [], [], [], []
     for cls in classes:
         folder = os.path.join(root, cls)
         if not os.path.isdir(folder):
@@ -105,6 +104,7 @@ def load_busi(root, classes=("benign", "malignant"), size=224):
         if not stems:
             raise UserError(f"{folder}: no images in this class folder; re-download BUSI or drop the class")
         masks = {s: [] for s in stems}
+        all_masks += masks.values()
         for f in pngs:
             if "_mask" in f:
                 stem = f[:f.index("_mask")]
@@ -119,7 +119,7 @@ def load_busi(root, classes=("benign", "malignant"), size=224):
             pairs.append(_load_pair(os.path.join(folder, s + ".png"), sorted(masks[s]), size))
             names.append(f"{cls}/{s}.png")
             labels.append(cls)
-    return _stack(pairs, names, labels, "busi")
+    return _stack(pairs, names, labels, "busi", merged=sum(len(m) > 1 for m in all_masks))
 
 
 def _natural(stem):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from data import UserError, augment, load_data, make_splits, normalize
+from data import BUSI_CLASSES, UserError, augment, load_data, make_splits, normalize
 from losses import supervised_loss
 from models import UNet, count_parameters
 
@@ -61,12 +61,19 @@ def load_split_data(args):
     """Load the data the options name and return (data, split of fold args.fold)."""
     if not 0 <= args.fold < args.folds:
         raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
-    data = load_data(args.data, tuple(args.classes.split(",")), args.size, args.phantom_count, args.data_seed)
+    classes = tuple(args.classes.split(","))
+    if not set(classes) <= set(BUSI_CLASSES) or len(set(classes)) != len(classes):
+        raise UserError(f"--classes {args.classes}: give distinct names from {','.join(BUSI_CLASSES)}")
+    data = load_data(args.data, classes, args.size, args.phantom_count, args.data_seed)
     split = make_splits(data.labels, data.hashes, args.folds, args.data_seed, args.val_fraction)[args.fold]
     counts = {c: data.labels.count(c) for c in dict.fromkeys(data.labels)}
     print(f"data: {args.data} ({data.source}), {len(data)} images "
           f"({', '.join(f'{n} {c}' for c, n in counts.items())}) at {args.size}x{args.size}; "
           f"fold {args.fold} of {args.folds}: {len(split['train'])} train, {len(split['val'])} val, {len(split['test'])} test")
+    copies = len(data.hashes) - len(set(data.hashes))
+    if data.merged or copies:
+        print(f"data: masks merged for {data.merged} images with several mask files; {copies} exact duplicate "
+              f"image(s), kept on the same side of the split as their copy")
     return data, split
 
 

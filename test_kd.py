@@ -361,11 +361,12 @@ def test_training_lowers_the_loss():
     assert loss.item() < 0.7 * first
 
 
-@pytest.mark.parametrize("pathway,loss", [("logits", "kld"), ("hidden", "mse"), ("hidden_regressor", "kld"), ("none", "kld")])
-def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss):
+@pytest.mark.parametrize("pathway,loss,extra", [("logits", "kld", []), ("hidden", "mse", []), ("hidden_regressor", "kld", []),
+                                               ("none", "kld", []), ("hidden", "kld", ["--teacher_flip"])])
+def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss, extra):
     path, t = tiny_teacher
     s = train_student.main(["--teacher", path, "--pathway", pathway, "--loss", loss, "--width", "2",
-                            "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")])
+                            "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")] + extra)
     assert s["split"] == t["split"] and s["kind"] == "student"
     assert not any(k.startswith("0.") for k in s["model"])  # the regressor is not saved with the student
     assert s["parameters"] == count_parameters(UNet(2)) and s["teacher_parameters"] == t["parameters"]

@@ -29,6 +29,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("loss", "kld", "L_distill: mse (Eq. II) or kld (Eq. III)", ["mse", "kld"]),
     ("alpha", 0.5, "weight of L_distill in Eq. I; L_sup gets 1 - alpha (the paper: 0.5)"),
     ("T", 1.0, "KLD temperature T; the KL is scaled by T^2 (the paper gives none: 1)"),
+    ("teacher_flip", False, "distil the mean of the teacher's outputs on the image and its mirror image "
+     "(a two-view ensemble: a stronger, smoother signal for the same teacher)"),
     ("width", 10, "student U-Net width w, levels w..16w: 10 = 0.76M params (the paper: 0.82M)"),
     ("aug", "strong", "student's augmentation (the teacher sees the same augmented batch)",
      ["none", "weak", "strong"]),
@@ -109,6 +111,10 @@ def main(argv=None):
             return dict(loss=l_sup)
         with torch.no_grad():
             t_logits, t_feats = teacher_fwd(x, return_features=True)
+            if args.teacher_flip:  # the mirror image's outputs, mirrored back, averaged in
+                m_logits, m_feats = teacher_fwd(x.flip(-1), return_features=True)
+                t_logits = (t_logits + m_logits.flip(-1)) / 2
+                t_feats = {k: (v + m_feats[k].flip(-1)) / 2 for k, v in t_feats.items()}
         l_kd = distillation_loss(args.pathway, args.loss, s_logits, s_feats, t_logits, t_feats, regressor, args.T)
         return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
 
