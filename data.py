@@ -257,7 +257,7 @@ def make_splits(labels, hashes, folds=3, seed=0, val_fraction=0.15):
         for cls in sorted(by_class):
             rest = [g for g in by_class[cls] if fold_of[id(g)] != f]
             test += [i for g in by_class[cls] if fold_of[id(g)] == f for i in g]
-            n_val = int(round(val_fraction * len(rest)))
+            n_val = max(1, int(round(val_fraction * len(rest)))) if len(rest) > 1 else 0
             for j, g in enumerate(rng_val.permutation(len(rest))):
                 (val if j < n_val else train).extend(rest[g])
         splits.append(dict(train=sorted(train), val=sorted(val), test=sorted(test)))

@@ -57,15 +57,32 @@ def choose_data(args, given, demo):
     return args
 
 
-def load_split_data(args):
-    """Load the data the options name and return (data, split of fold args.fold)."""
+def check_options(args):
+    """Refuse numbers that would only fail later, with a traceback, as one-line errors now."""
+    at_least = dict(size=16, width=1, epochs=1, patience=1, batch_size=1, folds=2, phantom_count=4)
+    for k, lo in at_least.items():
+        if getattr(args, k, lo) < lo:
+            raise UserError(f"--{k} {getattr(args, k)}: must be at least {lo}")
+    for k, ok, rule in (("lr", lambda v: v > 0, "above 0"), ("T", lambda v: v > 0, "above 0"),
+                        ("alpha", lambda v: 0 <= v <= 1, "in [0, 1]"), ("dice_weight", lambda v: v >= 0, "0 or more"),
+                        ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)")):
+        if hasattr(args, k) and not ok(getattr(args, k)):
+            raise UserError(f"--{k} {getattr(args, k)}: must be {rule}")
     if not 0 <= args.fold < args.folds:
         raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
+
+
+def load_split_data(args):
+    """Check the options, load the data they name, return (data, split of fold args.fold)."""
+    check_options(args)
     classes = tuple(args.classes.split(","))
     if not set(classes) <= set(BUSI_CLASSES) or len(set(classes)) != len(classes):
         raise UserError(f"--classes {args.classes}: give distinct names from {','.join(BUSI_CLASSES)}")
     data = load_data(args.data, classes, args.size, args.phantom_count, args.data_seed)
     split = make_splits(data.labels, data.hashes, args.folds, args.data_seed, args.val_fraction)[args.fold]
+    if not all(split.values()):
+        raise UserError(f"--data {args.data}: {len(data)} images are too few for {args.folds} folds with a validation "
+                        f"part; use more images or fewer --folds")
     counts = {c: data.labels.count(c) for c in dict.fromkeys(data.labels)}
     print(f"data: {args.data} ({data.source}), {len(data)} images "
           f"({', '.join(f'{n} {c}' for c, n in counts.items())}) at {args.size}x{args.size}; "

@@ -431,13 +431,19 @@ def test_ctrl_c_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     assert ckpt["epoch"] == 1 and kd.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
 
 
-def test_bad_options_and_help(tmp_path):
+def test_bad_options_and_help(tiny_teacher, tmp_path):
     rc, out, err = script("train_teacher.py", "--help")
     assert rc == 0 and "--aug" in out and "Eq." not in err
     rc, _, err = script("train_teacher.py", "--data", "phantom", "--folds", "3", "--fold", "3", cwd=str(tmp_path))
     assert_one_line_error(rc, err, "--fold 3")
     rc, _, err = script("train_teacher.py", "--data", "phantom", "--out", "model.bin", cwd=str(tmp_path))
     assert_one_line_error(rc, err, "--out model.bin")
+    for name, args, words in (("train_teacher.py", ["--data", "phantom", "--size", "8"], ["--size 8", "at least 16"]),
+                              ("train_teacher.py", ["--data", "phantom", "--phantom_count", "4", "--folds", "3"],
+                               ["too few", "--folds"]),
+                              ("train_student.py", ["--teacher", tiny_teacher[0], "--alpha", "2"], ["--alpha 2.0"])):
+        rc, _, err = script(name, *args, cwd=str(tmp_path))
+        assert_one_line_error(rc, err, *words)
 
 
 # ----------------------------------------------------------------------------- the real BUSI
