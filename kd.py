@@ -203,12 +203,13 @@ def fit(model, images, masks, split, step, args, device, dtype, save, params=Non
     improves, save(epoch, val) writes the checkpoint, so the best one is on disk at all times.
     Stops after args.patience epochs without improvement, at args.epochs, on Ctrl-C (the best
     checkpoint stays), or on a non-finite loss (FloatingPointError; the best checkpoint stays).
-    Returns (best_epoch, best_state) where best_state is the model's best state_dict.
+    Returns (best_epoch, best_state, stopped): the model's best state_dict, and why training
+    stopped: "early stop", "last epoch" or "interrupted".
     """
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     train_idx = torch.as_tensor(split["train"], device=device)
-    best_loss, best_epoch, best_state, times = math.inf, 0, None, []
+    best_loss, best_epoch, best_state, times, stopped = math.inf, 0, None, [], "last epoch"
     try:
         for epoch in range(1, args.epochs + 1):
             t0 = time.time()
@@ -243,12 +244,14 @@ def fit(model, images, masks, split, step, args, device, dtype, save, params=Non
                   + f" | {times[-1]:.1f}s, at most {fmt_time(left)} left", flush=True)
             if epoch - best_epoch >= args.patience:
                 print(f"early stop: no better validation loss for {args.patience} epochs")
+                stopped = "early stop"
                 break
     except KeyboardInterrupt:
         if best_state is None:
             raise
         print(f"\ninterrupted: going on with the best checkpoint (epoch {best_epoch})")
-    return best_epoch, best_state
+        stopped = "interrupted"
+    return best_epoch, best_state, stopped
 
 
 def fmt_time(seconds):

@@ -428,7 +428,8 @@ def test_ctrl_c_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(kd, "augment", interrupted)
     out = str(tmp_path / "t.pt")
     ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out])
-    assert ckpt["epoch"] == 1 and kd.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
+    assert ckpt["epoch"] == 1 and ckpt["stopped"] == "interrupted"
+    assert kd.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
 
 
 def test_bad_options_and_help(tiny_teacher, tmp_path):

@@ -127,7 +127,7 @@ def main(argv=None):
         return ckpt
 
     t0 = time.time()
-    best_epoch, best_state = kd.fit(student, images, masks, split, step, args, device, dtype, save, params)
+    best_epoch, best_state, stopped = kd.fit(student, images, masks, split, step, args, device, dtype, save, params)
     train_time = time.time() - t0
     student.load_state_dict(best_state)
     names = [data.names[i] for i in split["test"]]
@@ -136,7 +136,7 @@ def main(argv=None):
         results[who] = kd.evaluate(model, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
         results[who]["names"] = names
     results["student"]["train_seconds"] = train_time
-    meta.update(test=results["student"], teacher_test=results["teacher"])
+    meta.update(test=results["student"], teacher_test=results["teacher"], stopped=stopped)
     ckpt = save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
     print(f"test ({len(names)} images, fold {args.fold}):")
     for who, n in (("teacher", n_teacher), ("student", n_student)):

@@ -70,12 +70,12 @@ def main(argv=None):
         return ckpt
 
     t0 = time.time()
-    best_epoch, best_state = kd.fit(model, images, masks, split, step, args, device, dtype, save)
+    best_epoch, best_state, stopped = kd.fit(model, images, masks, split, step, args, device, dtype, save)
     train_time = time.time() - t0
     model.load_state_dict(best_state)
     test = kd.evaluate(model, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
     test.update(names=[data.names[i] for i in split["test"]], train_seconds=train_time)
-    meta["test"] = test
+    meta.update(test=test, stopped=stopped)
     ckpt = save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
     print(f"teacher test ({len(split['test'])} images, fold {args.fold}): "
           f"Dice {100 * test['dice']:.2f} +- {100 * test['dice_std']:.2f}, IoU {100 * test['iou']:.2f}; "
