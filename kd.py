@@ -13,7 +13,7 @@ import torch
 
 from data import BUSI_CLASSES, UserError, augment, load_data, make_splits, normalize
 from losses import supervised_loss
-from models import UNet, count_parameters
+from models import UNet
 
 PROJECT = "busi-kd"  # marks this project's checkpoints
 DEFAULT_DATA = os.path.join("data", "Dataset_BUSI_with_GT")
@@ -21,9 +21,10 @@ DEFAULT_DATA = os.path.join("data", "Dataset_BUSI_with_GT")
 
 # ----------------------------------------------------------------------------- options
 
-def parse_args(options, description, argv=None):
+def parse_args(options, description, argv=None, positional=None):
     """argparse from a script's OPTIONS block: (name, default, help[, choices]) per option; a
     default that is a type (int, str) means "no default here": the option is None unless typed.
+    positional: (name, help) of words that are no option (predict.py's input files).
     Returns (args, given): `given` is the set of options the user typed."""
     p = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +37,8 @@ def parse_args(options, description, argv=None):
         else:
             p.add_argument(f"--{name}", type=type(default), default=default, help=f"{text} (default: {default})",
                            choices=choices[0] if choices else None)
+    if positional:
+        p.add_argument(positional[0], nargs="*", help=positional[1])
     argv = sys.argv[1:] if argv is None else argv
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     given |= {g[3:] for g in given if g.startswith("no-")}
@@ -99,9 +102,13 @@ def load_split_data(args):
 def pick_device(name="auto"):
     if name != "auto":
         try:
-            return torch.device(name)
+            device = torch.device(name)
         except RuntimeError:
             raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+        if (device.type == "cuda" and not torch.cuda.is_available()
+                or device.type == "mps" and not torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: this machine has no {device.type} device; use --device auto or cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -285,19 +292,22 @@ def make_checkpoint(kind, model, args, data, split, **extra):
 
 
 def load_checkpoint(path, kind, option="--teacher"):
-    """Load a checkpoint made by this project's script for `kind`, or raise a one-line UserError."""
+    """Load a checkpoint made by this project's script for `kind` ("teacher", "student", or a tuple
+    of both), or raise a one-line UserError."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    script = " or ".join(f"train_{k}.py" for k in kinds)
     if not os.path.isfile(path):
-        raise UserError(f"{option} {path}: file not found; train one with train_{kind}.py first")
+        raise UserError(f"{option} {path}: file not found; train one with {script} first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{option} {path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
-                        f"train one with train_{kind}.py") from None
+                        f"train one with {script}") from None
     if not isinstance(ckpt, dict) or ckpt.get("project") != PROJECT:
-        raise UserError(f"{option} {path}: not a checkpoint of this project; train one with train_{kind}.py")
-    if ckpt.get("kind") != kind:
-        raise UserError(f"{option} {path}: a {ckpt.get('kind')} checkpoint, not a {kind}; "
-                        f"give the file train_{kind}.py wrote")
+        raise UserError(f"{option} {path}: not a checkpoint of this project; train one with {script}")
+    if ckpt.get("kind") not in kinds:
+        raise UserError(f"{option} {path}: a {ckpt.get('kind')} checkpoint, not a {' or '.join(kinds)}; "
+                        f"give the file {script} wrote")
     return ckpt
 
 

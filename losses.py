@@ -9,7 +9,6 @@ Where the paper is silent (temperature, the axis of the distributions, how the h
 compares maps of different widths) the choice is ours, written here and in PAPERS.md.
 All tensors are NCHW; no function flattens N, C, H, W together, so channels never mix with pixels.
 """
-import torch
 import torch.nn.functional as F
 
 

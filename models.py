@@ -86,30 +86,3 @@ class Regressor(nn.Sequential):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def conv_flops(model, size):
-    """Multiply-adds x 2 of every Conv2d / ConvTranspose2d in one forward pass at size x size.
-
-    Counted from each layer's output shape: out elements x (in_channels / groups) x kernel area.
-    Pooling, BatchNorm, ReLU and concatenation are ignored (well under 1% of the total).
-    """
-    flops = []
-
-    def hook(m, inp, out):
-        k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
-        if isinstance(m, nn.ConvTranspose2d):  # each input pixel is spread over k*k outputs
-            flops.append(2 * inp[0].numel() * m.out_channels * m.kernel_size[0] * m.kernel_size[1])
-        else:
-            flops.append(2 * out.numel() * k)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, model.config["in_channels"], size, size, device=next(model.parameters()).device))
-    model.train(was_training)
-    for h in handles:
-        h.remove()
-    return sum(flops)

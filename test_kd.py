@@ -1,20 +1,27 @@
-"""Tests: python -m pytest -q test_kd.py   (BUSI tests run when BUSI_DIR names the dataset folder)."""
+"""Tests: python -m pytest -q   (the BUSI tests run when BUSI_DIR names a Dataset_BUSI_with_GT folder)."""
+import glob
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 from PIL import Image
 
+import bench
 import data
 import kd
 import losses
+import predict
+import study
 import train_student
 import train_teacher
+from data import UserError
 from models import Regressor, UNet, count_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -348,7 +355,7 @@ def test_same_seed_same_metrics_on_cpu(tiny_teacher, tmp_path):
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     d = data.make_phantom(16, 32, 0)
-    model, dev = UNet(4), torch.device("cpu")
+    model = UNet(4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = kd.batch(d.images, d.masks, torch.arange(16))
     first = None
@@ -482,3 +489,288 @@ def test_busi_duplicates_never_straddle_a_split():
     for s in data.make_splits(d.labels, d.hashes, 3, 0, 0.15):
         for g in dups:
             assert any(set(g) <= set(s[p]) for p in ("train", "val", "test"))
+
+
+# ----------------------------------------------------------------------------- bench.py and predict.py
+
+RESULT = re.compile(r"^RESULT model=(\w+) device=(\w+) metric=(\w+) value=(\S+)$")
+
+
+def randomise_batchnorm(model, seed=0):
+    """Give every BatchNorm non-trivial statistics and affine parameters, so folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A tiny teacher trained just enough (3 s) to find lesions: after one epoch its masks are empty."""
+    path = tmp_path_factory.mktemp("ckpt") / "t.pt"
+    train_teacher.main(["--data", "phantom", "--phantom_count", "24", "--size", "32", "--width", "4", "--epochs", "8",
+                        "--lr", "3e-3", "--aug", "none", "--batch_size", "4", "--out", str(path)])
+    return path
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    """Three phantom images as PNG files of other sizes than the model's, one of them RGB."""
+    d = data.make_phantom(3, 64, seed=1)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    files = []
+    for i, size in enumerate([(80, 60), (64, 64), (45, 70)]):
+        im = Image.fromarray(d.images[i, 0].numpy()).resize(size, Image.BILINEAR)
+        files.append(folder / f"scan{i}.png")
+        (im.convert("RGB") if i == 2 else im).save(files[-1])
+    return files
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_bench_results_positive_and_finite(capsys):
+    results = bench.main(["--device", "cpu", "--size", "32", "--teacher_width", "4", "--student_width", "2",
+                          "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
+    parsed = {}
+    for line in lines:
+        m = RESULT.match(line)
+        assert m, f"malformed line: {line!r}"
+        parsed[m.group(1), m.group(2), m.group(3)] = float(m.group(4))
+    for who in ("teacher", "student"):
+        for metric in ("train_img_s", "train_tflops", "data_pct", "infer_ms_fp32", "infer_ms_fast", "fwd_gflop"):
+            assert (who, "cpu", metric) in parsed, f"no {metric} for the {who}"
+    assert ("student", "cpu", "infer_speedup_vs_teacher") in parsed
+    assert all(math.isfinite(v) and v > 0 for v in parsed.values()), parsed
+    assert ("teacher", "cpu", "train_peak_pct") not in parsed  # CPU peak unknown without --peak_tflops
+    assert results["cpu"]["teacher"]["train_img_s"] == pytest.approx(parsed["teacher", "cpu", "train_img_s"], rel=1e-4)
+
+
+def test_bench_bad_option_is_a_user_error():
+    with pytest.raises(data.UserError, match="--device"):
+        bench.main(["--device", "nonsense"])
+    with pytest.raises(data.UserError, match="--steps"):
+        bench.main(["--steps", "0"])
+
+
+def test_conv_flops_hand_count():
+    size = 10
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),             # out 8 x 10 x 10
+                          nn.ConvTranspose2d(8, 4, 2, stride=2),     # in 8 x 10 x 10 -> out 4 x 20 x 20
+                          nn.Conv2d(4, 8, 3, groups=2))              # out 8 x 18 x 18, 2 input channels each
+    expected = 2 * (8 * 10 * 10 * 3 * 9 + 8 * 10 * 10 * 4 * 4 + 8 * 18 * 18 * 2 * 9)
+    assert bench.conv_flops(model, size) == expected
+
+
+@pytest.mark.parametrize("width,size", [(1, 16), (3, 32)])
+def test_conv_flops_unet_formula(width, size):
+    c = [width * 2 ** i for i in range(5)]
+    r = [size // 2 ** i for i in range(5)]
+    conv3 = lambda cin, cout, res: 2 * res * res * 9 * cin * cout
+    flops = conv3(1, c[0], r[0]) + conv3(c[0], c[0], r[0])                               # inc
+    flops += sum(conv3(c[i], c[i + 1], r[i + 1]) + conv3(c[i + 1], c[i + 1], r[i + 1]) for i in range(4))
+    flops += sum(2 * c[i + 1] * r[i + 1] ** 2 * c[i] * 4                                   # transposed 2x2
+                 + conv3(2 * c[i], c[i], r[i]) + conv3(c[i], c[i], r[i]) for i in range(4))
+    flops += 2 * r[0] ** 2 * c[0] * 2                                                       # 1x1 head, 2 classes
+    assert bench.conv_flops(UNet(width), size) == flops
+
+
+# ----------------------------------------------------------------------------- fast inference
+
+def test_fused_fp32_equals_plain():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(UNet(4))
+    fused = predict.fuse_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left alone
+    x = data.normalize(data.make_phantom(4, 64, seed=2).images.float() / 255)
+    with torch.no_grad():
+        ref = model(x)
+    fast = predict.fast_model(model, torch.device("cpu"), None)
+    with torch.no_grad():
+        out = fast(x.contiguous(memory_format=torch.channels_last))
+    assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+    assert torch.equal(predict.lesion_probability(fast, x) >= 0.5, ref.softmax(1)[:, 1:] >= 0.5)
+
+
+def test_fast_bf16_matches_fp32():
+    """Random weights: the lesion probability of the bf16 fast form is fp32's up to bf16 rounding."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(UNet(4))
+    x = data.normalize(data.make_phantom(4, 64, seed=3).images.float() / 255)
+    with torch.no_grad():
+        ref = model(x).softmax(1)[:, 1:]
+    fast = predict.fast_model(model, torch.device("cpu"), torch.bfloat16)
+    assert next(fast.parameters()).dtype == torch.bfloat16
+    prob = predict.lesion_probability(fast, x.contiguous(memory_format=torch.channels_last))
+    assert prob.dtype == torch.float32 and prob.shape == ref.shape
+    assert (prob - ref).abs().max().item() < 0.02  # bf16 keeps about 3 significant digits
+
+
+def test_fast_bf16_masks_match_fp32_trained(teacher_ckpt):
+    """A trained model: the bf16 fast form's masks are the fp32 model's (Dice of one against the other)."""
+    model = kd.build_model(kd.load_checkpoint(str(teacher_ckpt), "teacher"))
+    x = data.normalize(data.make_phantom(16, 32, seed=5).images.float() / 255)
+    with torch.no_grad():
+        ref = model(x).softmax(1)[:, 1:] >= 0.5
+    fast = predict.fast_model(model, torch.device("cpu"), torch.bfloat16)
+    pred = predict.lesion_probability(fast, x.contiguous(memory_format=torch.channels_last)) >= 0.5
+    assert ref.float().mean() > 0.02  # it does find lesions
+    dice, _ = kd.dice_iou(pred, ref)
+    assert dice.mean().item() > 0.97
+    assert (pred == ref).float().mean().item() > 0.995
+
+
+# ----------------------------------------------------------------------------- predict.py
+
+def test_preprocessing_matches_training(tmp_path, image_files):
+    """predict.preprocess gives the very tensor training gives for the same file (load_folder + kd.batch)."""
+    (tmp_path / "scans" / "masks").mkdir()
+    (tmp_path / "scans" / "images").mkdir()
+    im = Image.open(image_files[0])
+    im.save(tmp_path / "scans" / "images" / "a.png")
+    Image.new("L", im.size).save(tmp_path / "scans" / "masks" / "a.png")
+    ds = data.load_folder(str(tmp_path / "scans"), size=32)
+    x_train, _ = kd.batch(ds.images, ds.masks, torch.tensor([0]))
+    x_pred = predict.preprocess(data._open(image_files[0], "L"), 32, torch.device("cpu"))
+    assert x_pred.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x_pred, x_train)
+
+
+def test_predict_writes_masks_and_overlays(tmp_path, teacher_ckpt, image_files, capsys):
+    out = tmp_path / "pred"
+    written = predict.main(["--checkpoint", str(teacher_ckpt), str(image_files[0]), str(image_files[1].parent),
+                            "--out", str(out), "--threshold", "0.3"])
+    assert len(written) == 3  # the file named, then the folder's three images: scan0 once
+    for f in image_files:
+        mask = Image.open(out / f"{f.stem}_mask.png")
+        ov = Image.open(out / f"{f.stem}_overlay.png")
+        assert mask.size == Image.open(f).size == ov.size
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+        assert ov.mode == "RGB"
+    assert any(np.asarray(Image.open(m)).any() for _, m in written)  # some lesion found: contours drawn
+    assert "ms per frame" in capsys.readouterr().out
+
+
+def test_predict_refuses_bad_inputs(tmp_path, teacher_ckpt, image_files):
+    ck = ["--checkpoint", str(teacher_ckpt), "--out", str(tmp_path / "p")]
+    with pytest.raises(data.UserError, match="no such file"):
+        predict.main(ck + [str(tmp_path / "missing.png")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(data.UserError, match="no images in this folder"):
+        predict.main(ck + [str(tmp_path / "empty")])
+    with pytest.raises(data.UserError, match="no input images"):
+        predict.main(ck)
+    with pytest.raises(data.UserError, match="not a checkpoint of this project|file not found"):
+        predict.main(["--checkpoint", str(tmp_path / "nope.pt"), str(image_files[0])])
+
+
+def test_predict_corrupt_png_one_line_error(tmp_path, teacher_ckpt, image_files):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"these are not the bytes of a PNG file")
+    r = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(teacher_ckpt), str(image_files[0]), str(bad),
+                        "--out", str(tmp_path / "p")], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(predict.__file__)))
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "x.png" in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- study.py
+
+STUDY_TINY = ["--data", "phantom", "--phantom_count", "24", "--size", "32", "--teacher_width", "4",
+        "--student_width", "2", "--epochs", "1", "--batch_size", "8", "--folds", "2",
+        "--device", "cpu", "--amp", "off", "--pictures", "2"]
+
+
+# ----------------------------------------------------------------------------- the paired test
+
+def test_permutation_test_worked_by_hand():
+    # d = a - b = [1, 2, -0.5], observed sum 2.5 (mean 5/6). The 2^3 = 8 sign patterns' sums:
+    #   +1 +2 +0.5 =  3.5    +1 +2 -0.5 =  2.5    +1 -2 +0.5 = -0.5    +1 -2 -0.5 = -1.5
+    #   -1 +2 +0.5 =  1.5    -1 +2 -0.5 =  0.5    -1 -2 +0.5 = -2.5    -1 -2 -0.5 = -3.5
+    # |sum| >= 2.5 for 3.5, 2.5, -2.5, -3.5: 4 of 8, so the exact p is 0.5.
+    assert study.paired_permutation_test([1, 2, -0.5], [0, 0, 0]) == 0.5
+    assert study.paired_permutation_test([1.1, 2.3, 0.2], [0.1, 0.3, 0.7]) == pytest.approx(0.5)  # same d
+    # d = [1, 2, 3]: only all-plus (6) and all-minus (-6) reach |sum| 6: p = 2/8.
+    assert study.paired_permutation_test([1, 2, 3], [0, 0, 0]) == 0.25
+
+
+def test_permutation_test_edges_and_monte_carlo():
+    a = np.random.default_rng(1).random(30)
+    assert study.paired_permutation_test(a[:5], a[:5]) == 1.0       # identical, exact
+    assert study.paired_permutation_test(a, a) == 1.0               # identical, 30 pairs: Monte Carlo
+    assert study.paired_permutation_test([], []) == 1.0
+    # 30 differences all +1: no random pattern but all-plus/all-minus (odds 2^-29) reaches |sum| 30,
+    # so p = (0 + 1) / (n_perm + 1).
+    assert study.paired_permutation_test(np.ones(30), np.zeros(30), n_perm=999) == 1 / 1000
+    b = a + np.random.default_rng(2).normal(0, 0.3, 30)
+    p = study.paired_permutation_test(a, b, seed=3)
+    assert 0 < p <= 1 and p == study.paired_permutation_test(a, b, seed=3)  # fixed seed: repeatable
+
+
+def test_summary_pools_folds_and_pairs_images_by_name():
+    def rec(row, fold, dice):
+        names = [f"f{fold}/img{i}" for i in range(len(dice))]
+        return dict(row=row, fold=fold, dice=float(np.mean(dice)), iou=0.5, per_image_dice=dice, names=names,
+                    parameters=10, train_seconds=2.0)
+    rng = np.random.default_rng(0)
+    t = {f: list(rng.random(12)) for f in (0, 1)}
+    records = {("Teacher", f): rec("Teacher", f, t[f]) for f in (0, 1)}
+    records.update({("Student", f): rec("Student", f, [x - 0.2 for x in t[f]]) for f in (0, 1)})
+    summary, gap = study.summarise(records, ["Teacher", "Student"], [0, 1], n_perm=999, seed=0)
+    s = summary["Student"]
+    assert s["dice_mean"] == pytest.approx(np.mean(t[0] + t[1]) - 0.2)
+    assert s["dice_std"] == pytest.approx(np.std([np.mean(t[0]), np.mean(t[1])], ddof=1))
+    assert s["n_images"] == 24 and s["pairs_vs_teacher"] == 24 and s["train_seconds"] == 4.0
+    assert s["p_vs_teacher"] == 1 / 1000  # 24 pairs, every difference -0.2: nothing random reaches it
+    assert summary["Teacher"]["p_vs_teacher"] is None
+    assert gap == {0: pytest.approx(0.2), 1: pytest.approx(0.2)}
+
+
+# ----------------------------------------------------------------------------- the study, end to end
+
+def test_study_end_to_end_resumes_and_draws(tmp_path):
+    out = str(tmp_path / "study")
+    res = study.main(STUDY_TINY + ["--out", out])
+    assert len(res["ran"]) == 2 * len(study.ROWS) == 2 * 15  # 14 rows of Table 4 + the weak teacher, 2 folds
+    table = open(os.path.join(out, "table.md")).read()
+    for row in study.ROWS:
+        assert f"| {row} |" in table or f"| {row}* |" in table
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    ps = [s[k] for s in rows.values() for k in ("p_vs_teacher", "p_vs_student") if s[k] is not None]
+    assert len(ps) == 2 * 15 - 2 and all(0 <= p <= 1 for p in ps)  # 24 pairs each: the Monte-Carlo test
+    run = json.load(open(os.path.join(out, "fold0", "L_KLD_WAug.json")))
+    assert run["argv"][run["argv"].index("--teacher") + 1].endswith("Teacher_WAug.pt")
+    assert len(run["per_image_dice"]) == len(run["names"]) == 12
+
+    # resumed: nothing re-runs, no JSON is rewritten, the table is the same
+    jsons = glob.glob(os.path.join(out, "fold*", "*.json"))
+    mtimes = {p: os.path.getmtime(p) for p in jsons}
+    again = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])
+    assert again["ran"] == [] and again["table"] == res["table"]
+    assert {p: os.path.getmtime(p) for p in jsons} == mtimes
+    # a run killed before its JSON was written runs again, and only it
+    os.remove(os.path.join(out, "fold0", "H_MSE.json"))
+    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == [("H_MSE", 0)]
+    # other options in the same folder: refused, not mixed in
+    with pytest.raises(UserError, match="--epochs"):
+        study.main(STUDY_TINY + ["--out", out, "--epochs", "2"])
+
+    tile = max(32, study.TILE_MIN)  # 5 columns, 2 images, a title line
+    size = (5 * (tile + study.PAD) + study.PAD, study.TITLE + 2 * (tile + study.PAD) + study.PAD)
+    assert Image.open(os.path.join(out, "pictures.png")).size == size
+
+
+@pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
+                                            (["--folds", "1"], "at least 2")])
+def test_bad_options_are_one_line_errors(tmp_path, words, message):
+    with pytest.raises(UserError, match=message):
+        study.main(STUDY_TINY + ["--out", str(tmp_path)] + words)
