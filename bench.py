@@ -3,6 +3,7 @@
     python bench.py                          # size 224, on the CPU and on the GPU if there is one
     python bench.py --device cpu --steps 3 --repeats 3
     python bench.py --device cuda --compile  # compiled training steps, and compiled inference added
+    python bench.py --device cpu --profile   # and the profiler's table of the student's inference
 
 Per device and model it prints a table, then one line per figure for scripts to parse:
     RESULT model=student device=cpu metric=infer_ms_fast value=5.21
@@ -49,6 +50,7 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("amp", "auto", "precision of training and of the fast inference: auto, bf16, fp16 or off (fp32)",
      ["auto", "bf16", "fp16", "off"]),
     ("compile", False, "also torch.compile the training forward passes and the fast inference model"),
+    ("profile", False, "also print the PyTorch profiler's table of the student's fast inference: where the time goes"),
     ("threads", 0, "CPU threads, 0 = torch's default (one per core); 1 is far faster on a busy machine"),
     ("peak_tflops", float, "the device's peak TFLOP/s for the share-of-peak column "
                            "(default: dense bf16 of known GPUs, n/a on CPUs); applies to every --device"),
@@ -182,6 +184,23 @@ def bench_inference(model, images, args, device, dtype):
             for name, m, inp in modes}
 
 
+def profile_inference(model, images, device, dtype, calls=20, rows=12):
+    """The PyTorch profiler's table of `calls` single-frame calls of the fast form: time per operator."""
+    fast = fast_model(model, device, dtype)
+    x = normalize(images[:1].float() / 255).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):  # warm-up: kernel choice happens outside the profile
+        lesion_probability(fast, x)
+    on_gpu = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            lesion_probability(fast, x)
+        sync(device)
+    key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(f"profile of {calls} fast single-frame calls on {device}, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
+
+
 def bench_device(device, args):
     """Every figure of both models on one device: a dict model -> metric -> value."""
     dtype = kd.amp_dtype(device, args.amp)
@@ -222,6 +241,8 @@ def bench_device(device, args):
             r["train_mem_mib"] = mem
         r.update(bench_inference(model, images, args, device, dtype))
         results[who] = r
+        if args.profile and who == "student":
+            profile_inference(model, images, device, dtype)
         print(f"  {device.type} {who}: {img_s:.1f} training img/s, fast inference {r['infer_ms_fast']:.2f} ms", flush=True)
     return results, dtype
 

@@ -244,7 +244,8 @@ def fit(model, images, masks, split, step, args, device, dtype, save, params=Non
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 save(epoch, val)
             times.append(time.time() - t0)
-            left = (args.epochs - epoch) * sum(times) / len(times)
+            per_epoch = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]  # epoch 1 also warms up
+            left = (args.epochs - epoch) * per_epoch
             comps = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
             print(f"epoch {epoch:3d}/{args.epochs} | train {train['loss']:.4f}" + (f" ({comps})" if comps else "")
                   + f" | val loss {val['loss']:.4f} dice {100 * val['dice']:.1f} | best {best_loss:.4f} @ {best_epoch}"

@@ -54,7 +54,7 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("pictures", 4, "test images of the first fold shown in pictures.png (0: no picture)"),
     ("out", "out/study", "the study folder: runs, checkpoints, table.md, results.json, pictures.png"),
 ]
-# When no BUSI is present: a small study, 45 runs in about 6 minutes on 2 CPU cores.
+# When no BUSI is present: a small study, 45 runs in about 8 minutes on 2 CPU cores.
 PHANTOM_DEMO = dict(size=64, phantom_count=120, epochs=20, batch_size=8, teacher_width=16, student_width=8)
 
 # ----------------------------------------------------------------------------- the rows of Table 4

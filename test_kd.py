@@ -536,8 +536,10 @@ def image_files(tmp_path):
 
 def test_bench_results_positive_and_finite(capsys):
     results = bench.main(["--device", "cpu", "--size", "32", "--teacher_width", "4", "--student_width", "2",
-                          "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1"])
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
+                          "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile"])
+    out = capsys.readouterr().out
+    assert "profile of 20 fast single-frame calls on cpu" in out and "aten::" in out  # the profiler's table
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
     parsed = {}
     for line in lines:
         m = RESULT.match(line)
