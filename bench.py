@@ -171,7 +171,7 @@ def bench_training(model, step, images, masks, args, device, dtype, params):
 
 def bench_inference(model, images, args, device, dtype):
     """Milliseconds per frame at batch 1: plain fp32 eager (NCHW, BatchNorm as trained), the fast
-    form (predict.fast_model) and, with --compile, the fast form compiled. (test_speed.py checks
+    form (predict.fast_model) and, with --compile, the fast form compiled. (test_kd.py checks
     that the fast form's masks are fp32's up to bf16 rounding.)"""
     x = normalize(images[:1].float() / 255)  # one phantom frame, as kd.batch makes it (no augmentation)
     plain = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
