@@ -1,4 +1,5 @@
-"""The U-Net (teacher and student are one class at two widths) and the HR pathway's regressor.
+"""The U-Net (teacher and student are one class at two widths), the HR pathway's regressor, and an
+ensemble of teachers.
 
 Ronneberger et al. 2015, with BatchNorm and padded convolutions so output size == input size.
 Widths per level are (w, 2w, 4w, 8w, 16w): w=64 gives the classic 31.0M-parameter U-Net (the
@@ -82,6 +83,22 @@ class Regressor(nn.Sequential):
     def __init__(self, c_s, c_t):
         super().__init__(nn.Conv2d(c_s, c_t, 3, padding=1), nn.ReLU(inplace=True),
                          nn.Conv2d(c_t, c_t, 1), nn.ReLU())
+
+
+class Ensemble(nn.Module):
+    """Several trained U-Nets used as one teacher: the mean of their logits. Distilling an ensemble
+    into one small network is the classic use of knowledge distillation (Hinton et al. 2015, Sec. 1).
+    Feature maps are not averaged, and none are returned: the members' channels do not correspond,
+    so only the logits pathway can distil an ensemble."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.feature_channels = {}
+
+    def forward(self, x, return_features=False):
+        logits = torch.stack([m(x) for m in self.members]).mean(0)
+        return (logits, {}) if return_features else logits
 
 
 def count_parameters(model):

@@ -22,7 +22,7 @@ import study
 import train_student
 import train_teacher
 from data import UserError
-from models import Regressor, UNet, count_parameters
+from models import Ensemble, Regressor, UNet, count_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUSI_DIR = os.environ.get("BUSI_DIR", "")
@@ -401,6 +401,38 @@ def test_student_refuses_files_that_are_no_teacher(tiny_teacher, tmp_path):
                      ("student.pt", "a student checkpoint, not a teacher"), ("missing.pt", "file not found")):
         rc, _, err = script("train_student.py", "--teacher", str(tmp_path / f), cwd=str(tmp_path))
         assert_one_line_error(rc, err, f, words)
+
+
+def test_ensemble_is_the_mean_of_its_members_logits():
+    torch.manual_seed(0)
+    members = [randomise_batchnorm(UNet(4).eval(), seed) for seed in (1, 2, 3)]
+    ens = Ensemble(members)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = sum(m(x) for m in members) / 3
+        logits, feats = ens(x, return_features=True)
+    assert torch.allclose(logits, expected, atol=1e-6) and feats == {}
+    assert not torch.allclose(logits, members[0](x).detach(), atol=1e-3)  # the members really differ
+    assert count_parameters(ens) == 3 * count_parameters(UNet(4))
+
+
+def test_student_distils_an_ensemble_of_teachers(tiny_teacher, tmp_path):
+    path, t = tiny_teacher
+    other = str(tmp_path / "teacher_seed1.pt")
+    t1 = train_teacher.main(TINY + ["--width", "4", "--seed", "1", "--out", other])
+    s = train_student.main(["--teacher", f"{path},{other}", "--width", "2", "--epochs", "1", "--batch_size", "4",
+                            "--out", str(tmp_path / "s.pt")])
+    assert s["teacher_parameters"] == t["parameters"] + t1["parameters"] and s["split"] == t["split"]
+    ens_loss = s["teacher_test"]["loss"]  # the ensemble is what is evaluated as the teacher, not one member
+    assert ens_loss != pytest.approx(t["test"]["loss"]) and ens_loss != pytest.approx(t1["test"]["loss"])
+    rc, _, err = script("train_student.py", "--teacher", f"{path},{other}", "--pathway", "hidden_regressor",
+                        cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "--pathway hidden_regressor", "ensemble", "--pathway logits")
+    leaky = torch.load(other, weights_only=True)
+    leaky["split"]["test"][0], leaky["split"]["train"][0] = leaky["split"]["train"][0], leaky["split"]["test"][0]
+    torch.save(leaky, tmp_path / "leaky.pt")
+    rc, _, err = script("train_student.py", "--teacher", f"{path},{tmp_path / 'leaky.pt'}", cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "leaky.pt", "split differs")
 
 
 def test_nan_loss_stops_and_keeps_the_best_checkpoint(tmp_path, monkeypatch, capsys):

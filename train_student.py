@@ -3,6 +3,7 @@
     python train_student.py --teacher out/teacher.pt                          # logits, KLD
     python train_student.py --teacher out/teacher.pt --pathway hidden_regressor --loss mse
     python train_student.py --teacher out/teacher.pt --pathway none           # the student alone
+    python train_student.py --teacher out/t_seed0.pt,out/t_seed1.pt           # an ensemble of teachers
 
 Pathways (Behboodi et al. 2025): logits = L (output maps), hidden = H (bottleneck attention maps),
 hidden_regressor = HR (bottleneck through a trained regressor); none = no teacher signal, the
@@ -10,7 +11,8 @@ paper's "Student" row. The loss is alpha * L_distill + (1 - alpha) * L_sup (Eq. 
 
 The student uses its teacher's data, image size and split, recomputed here and checked against
 the split stored in the teacher's checkpoint: a student tested on images its teacher trained on
-would be a leak, so a different split is refused.
+would be a leak, so a different split is refused. Several teachers (comma-separated) are distilled
+as one, the mean of their logits (models.Ensemble); each must have the same split.
 """
 import os
 import time
@@ -20,10 +22,11 @@ import torch
 from data import UserError
 import kd
 from losses import distillation_loss, supervised_loss, total_loss
-from models import Regressor, UNet, count_parameters
+from models import Ensemble, Regressor, UNet, count_parameters
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place
-    ("teacher", "out/teacher.pt", "teacher checkpoint written by train_teacher.py"),
+    ("teacher", "out/teacher.pt", "teacher checkpoint written by train_teacher.py; several, comma-separated, "
+     "are an ensemble: the mean of their logits (logits pathway only)"),
     ("pathway", "logits", "what is distilled: logits (L), hidden (H), hidden_regressor (HR), none (student alone)",
      ["logits", "hidden", "hidden_regressor", "none"]),
     ("loss", "kld", "L_distill: mse (Eq. II) or kld (Eq. III)", ["mse", "kld"]),
@@ -61,11 +64,15 @@ PHANTOM_DEMO = dict(epochs=10, batch_size=8)  # a CPU minute or two, on the phan
 def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns the checkpoint's contents."""
     args, given = kd.parse_args(OPTIONS, __doc__, argv)
-    tck = kd.load_checkpoint(args.teacher, "teacher")
-    targs = tck["args"]
+    paths = [p for p in args.teacher.split(",") if p]
+    tcks = [kd.load_checkpoint(p, "teacher") for p in paths]
+    if len(tcks) > 1 and args.pathway in ("hidden", "hidden_regressor"):
+        raise UserError(f"--pathway {args.pathway}: an ensemble of teachers has no common bottleneck "
+                        "(their channels do not correspond); distil its logits: --pathway logits")
+    targs = tcks[0]["args"]
     for k in SPLIT_OPTIONS:  # the teacher's split, or a clear refusal
         if getattr(args, k) is not None and getattr(args, k) != targs[k]:
-            raise UserError(f"--{k} {getattr(args, k)}: teacher {args.teacher} was trained with --{k} {targs[k]}; "
+            raise UserError(f"--{k} {getattr(args, k)}: teacher {paths[0]} was trained with --{k} {targs[k]}; "
                             f"a student must use its teacher's split (train a teacher with --{k} {getattr(args, k)})")
         setattr(args, k, targs[k])
     args.data = args.data or targs["data"]
@@ -74,21 +81,25 @@ def main(argv=None):
                                         else f"student_{args.pathway}_{args.loss}.pt")
     if not args.out.endswith(".pt"):
         raise UserError(f"--out {args.out}: give a file name ending in .pt")
-    if os.path.abspath(args.out) == os.path.abspath(args.teacher):
-        raise UserError(f"--out {args.out}: that is the teacher's file; choose another name")
+    if os.path.abspath(args.out) in map(os.path.abspath, paths):
+        raise UserError(f"--out {args.out}: that is a teacher's file; choose another name")
     device = kd.pick_device(args.device)
     dtype = kd.amp_dtype(device, args.amp)
     kd.seed_everything(args.seed)
     data, split = kd.load_split_data(args)
-    if {k: [data.names[i] for i in v] for k, v in split.items()} != tck["split"]:
-        raise UserError(f"--teacher {args.teacher}: its stored split differs from the one made here from "
-                        f"--data {args.data}; use the data and split the teacher was trained on")
-    if data.fingerprint() != tck["data_fingerprint"]:
-        raise UserError(f"--data {args.data}: the images differ from those teacher {args.teacher} was trained on "
-                        f"(same names, other pixels); use the teacher's data")
+    named_split = {k: [data.names[i] for i in v] for k, v in split.items()}
+    for path, t in zip(paths, tcks):
+        if named_split != t["split"]:
+            raise UserError(f"--teacher {path}: its stored split differs from the one made here from "
+                            f"--data {args.data}; use the data and split the teacher was trained on")
+        if data.fingerprint() != t["data_fingerprint"]:
+            raise UserError(f"--data {args.data}: the images differ from those teacher {path} was trained on "
+                            f"(same names, other pixels); use the teacher's data")
     images, masks = data.images.to(device), data.masks.to(device)
 
-    teacher = kd.to_device(kd.build_model(tck), device).requires_grad_(False)  # eval mode, frozen
+    teachers = [kd.build_model(t) for t in tcks]
+    teacher = teachers[0] if len(teachers) == 1 else Ensemble(teachers).eval()
+    teacher = kd.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
     student = kd.to_device(UNet(args.width), device)
     params = list(student.parameters())
     regressor = None
@@ -97,7 +108,8 @@ def main(argv=None):
                                            teacher.feature_channels["bottleneck"]), device)
         params += list(regressor.parameters())
     n_teacher, n_student = count_parameters(teacher), count_parameters(student)
-    print(f"teacher: {kd.fmt_params(n_teacher)} parameters (width {tck['model_config']['width']}); "
+    widths = "+".join(str(t["model_config"]["width"]) for t in tcks)
+    print(f"teacher: {kd.fmt_params(n_teacher)} parameters (width {widths}); "
           f"student: {kd.fmt_params(n_student)} parameters (width {args.width}); "
           f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
           + f"; device {device}, precision {kd.precision_name(dtype)}")
