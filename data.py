@@ -266,41 +266,74 @@ def make_splits(labels, hashes, folds=3, seed=0, val_fraction=0.15):
 
 # ----------------------------------------------------------------------------- augmentation
 
-AUGMENT = {  # project's choice where the paper gives no numbers (PAPERS.md)
+AUGMENT = {  # project's choice where the paper gives no numbers
     "none": dict(),
     "weak": dict(flip=True, shift=0.05, zoom=(0.95, 1.05)),
-    "strong": dict(flip=True, shift=0.1, zoom=(0.8, 1.25), rotate=15, noise=0.03, dropout=0.01,
-                   brightness=0.1, contrast=(0.8, 1.25)),
+    "strong": dict(flip=True, shift=0.1, zoom=(0.8, 1.25), rotate=15, gamma=(0.7, 1.4), gain=0.3,
+                   noise=0.03, dropout=0.01),
 }
 
 
-def augment(images, masks, level):
-    """Random augmentation of a whole batch on its device.
+def _uniform(n, lo, hi, generator, device):
+    """n numbers uniform in [lo, hi), drawn from `generator` (on its own device) and moved to `device`."""
+    return (lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)).to(device)
 
-    images: float (N, 1, S, S) in [0, 1]; masks: (N, 1, S, S) in {0, 1}. One random affine map
-    per image (flip, rotation, zoom = random crop/scale, shift) warps image and mask alike through
-    affine_grid / grid_sample; then the image alone gets intensity changes, Gaussian noise and
-    pixel dropout. Returns (images, masks) with masks as {0, 1} floats.
-    """
-    p = AUGMENT[level]
-    masks = masks.float()
-    if not p:
-        return images, masks
+
+def warp(images, masks, p, generator):
+    """One random affine map per image (flip, rotation, zoom = random crop/scale, shift) applied to
+    image and mask alike through affine_grid / grid_sample."""
     n, dev = images.shape[0], images.device
-    rnd = lambda lo, hi: lo + (hi - lo) * torch.rand(n, device=dev)
+    rnd = lambda lo, hi: _uniform(n, lo, hi, generator, dev)
     angle = rnd(-1, 1) * math.radians(p.get("rotate", 0))
     scale = 1 / rnd(*p["zoom"])  # zoom > 1 samples a smaller window: a random crop, scaled up
-    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if p["flip"] else torch.ones(n, device=dev)
+    flip = torch.where(rnd(0, 1) < 0.5, -1.0, 1.0) if p["flip"] else torch.ones(n, device=dev)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos * flip, -sin, rnd(-1, 1) * 2 * p["shift"]], 1),
                          torch.stack([sin * flip, cos, rnd(-1, 1) * 2 * p["shift"]], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    if "brightness" in p:
-        images = images * rnd(*p["contrast"]).view(n, 1, 1, 1) + rnd(-1, 1).view(n, 1, 1, 1) * p["brightness"]
-        images = images + p["noise"] * torch.randn_like(images)
-        images = images * (torch.rand_like(images) >= p["dropout"])
+    return images, masks
+
+
+def intensity(images, p, generator):
+    """Changes of grey levels that per-image normalisation cannot undo.
+
+    A brightness/contrast change x * c + b is removed exactly by the zero-mean, unit-std
+    normalisation that follows, so we change what a scanner's settings change instead:
+      gamma  x ** g, g in p["gamma"]: the display's compression curve (dynamic range), non-linear;
+      gain   x * (1 + a * (depth - 1/2)), a in [-gain, gain]: time-gain compensation set too high
+             or too low, brighter or darker with depth (the image's rows);
+    then Gaussian noise (std p["noise"]) and pixel dropout (share p["dropout"] set to 0).
+    """
+    n, dev = images.shape[0], images.device
+    gamma = _uniform(n, *p["gamma"], generator, dev).view(n, 1, 1, 1)
+    slope = _uniform(n, -p["gain"], p["gain"], generator, dev).view(n, 1, 1, 1)
+    depth = torch.linspace(0, 1, images.shape[-2], device=dev).view(1, 1, -1, 1)
+    images = images.clamp(min=0) ** gamma * (1 + slope * (depth - 0.5))
+    shape = (n, 1, *images.shape[-2:])
+    noise = torch.randn(shape, generator=generator, device=generator.device).to(dev)
+    keep = torch.rand(shape, generator=generator, device=generator.device).to(dev) >= p["dropout"]
+    return (images + p["noise"] * noise) * keep
+
+
+def augment(images, masks, level, generator=None):
+    """Random augmentation of a whole batch on its device: geometry (`warp`, image and mask alike),
+    then, for "strong", grey levels (`intensity`, the image alone).
+
+    images: float (N, 1, S, S) in [0, 1]; masks: (N, 1, S, S) in {0, 1}. Every random number comes
+    from `generator` (default: a fresh one seeded 0), never from torch's global generator, so that
+    building a module (a regressor, a second teacher) cannot shift the data a run sees.
+    Returns (images, masks) with masks as {0, 1} floats.
+    """
+    p = AUGMENT[level]
+    masks = masks.float()
+    if not p:
+        return images, masks
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    images, masks = warp(images, masks, p, generator)
+    if "gamma" in p:
+        images = intensity(images, p, generator)
     return images.clamp(0, 1), masks
 
 

@@ -1,11 +1,14 @@
 """What train_teacher.py and train_student.py share: options, device and precision, seeding, the
 training loop with early stopping, Dice/IoU evaluation, checkpoints, parameter counts, progress."""
 import argparse
+import hashlib
+import json
 import math
 import os
 import platform
 import random
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -76,25 +79,75 @@ def check_options(args):
 
 
 def load_split_data(args):
-    """Check the options, load the data they name, return (data, split of fold args.fold)."""
+    """Check the options, load the data they name, return (data, split of fold args.fold). The split
+    is made from --data_seed, or read from the file --split names (see save_splits)."""
     check_options(args)
     classes = tuple(args.classes.split(","))
     if not set(classes) <= set(BUSI_CLASSES) or len(set(classes)) != len(classes):
         raise UserError(f"--classes {args.classes}: give distinct names from {','.join(BUSI_CLASSES)}")
     data = load_data(args.data, classes, args.size, args.phantom_count, args.data_seed)
-    split = make_splits(data.labels, data.hashes, args.folds, args.data_seed, args.val_fraction)[args.fold]
+    if getattr(args, "split", None):
+        splits = load_splits(args.split, data, args.folds)
+    else:
+        splits = make_splits(data.labels, data.hashes, args.folds, args.data_seed, args.val_fraction)
+    split = splits[args.fold]
     if not all(split.values()):
         raise UserError(f"--data {args.data}: {len(data)} images are too few for {args.folds} folds with a validation "
                         f"part; use more images or fewer --folds")
     counts = {c: data.labels.count(c) for c in dict.fromkeys(data.labels)}
     print(f"data: {args.data} ({data.source}), {len(data)} images "
           f"({', '.join(f'{n} {c}' for c, n in counts.items())}) at {args.size}x{args.size}; "
-          f"fold {args.fold} of {args.folds}: {len(split['train'])} train, {len(split['val'])} val, {len(split['test'])} test")
+          f"fold {args.fold} of {args.folds}: {len(split['train'])} train, {len(split['val'])} val, {len(split['test'])} test"
+          + (f" (from {args.split})" if getattr(args, "split", None) else ""))
     copies = len(data.hashes) - len(set(data.hashes))
     if data.merged or copies:
         print(f"data: masks merged for {data.merged} images with several mask files; {copies} exact duplicate "
               f"image(s), kept on the same side of the split as their copy")
-    return data, split
+    return data, splits
+
+
+def only_class(split, data, cls):
+    """The split restricted to the images of class `cls` (None: the whole split). A class teacher
+    (T2KD) trains on these; the split itself stays the one made from every class."""
+    if cls is None:
+        return split
+    if cls not in data.labels:
+        raise UserError(f"--only_class {cls}: the data holds no {cls} images (classes: "
+                        f"{', '.join(dict.fromkeys(data.labels))}); give one of those")
+    return {part: [i for i in idx if data.labels[i] == cls] for part, idx in split.items()}
+
+
+def save_splits(path, data, splits, seed):
+    """Write every fold's split as image names (JSON), with the seed and the data's fingerprint, so
+    that another model can be trained and tested on exactly the same parts."""
+    write_json(path, dict(project=PROJECT, seed=seed, data_fingerprint=data.fingerprint(), images=len(data),
+                          folds=[{k: [data.names[i] for i in v] for k, v in s.items()} for s in splits]))
+
+
+def load_splits(path, data, folds):
+    """The splits of a file written by save_splits, as index lists into `data`; every image of the
+    data must be in exactly one part of every fold, and the file must hold `folds` folds."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        parts = saved["folds"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--split {path}: not a split file ({type(e).__name__}); write one with --save_split") from None
+    if len(parts) != folds:
+        raise UserError(f"--split {path}: holds {len(parts)} folds, not --folds {folds}; pass --folds {len(parts)}")
+    index = {n: i for i, n in enumerate(data.names)}
+    splits = []
+    for fold in parts:
+        names = [n for part in ("train", "val", "test") for n in fold.get(part, [])]
+        unknown = [n for n in names if n not in index]
+        if unknown or sorted(names) != sorted(index):
+            what = f"{unknown[0]} is not in the data" if unknown else \
+                f"{len(set(index) - set(names))} image(s) of the data are in no part, or some in two"
+            raise UserError(f"--split {path}: does not match --data ({what}); use the data the split was made for")
+        splits.append({part: sorted(index[n] for n in fold.get(part, [])) for part in ("train", "val", "test")})
+    if saved.get("data_fingerprint") != data.fingerprint():
+        print(f"note: --split {path} was made on images with other pixels (same names): another copy of the data?")
+    return splits
 
 
 # ----------------------------------------------------------------------------- device, precision, seeds
@@ -116,17 +169,30 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16():
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX; read from Linux's
+    /proc/cpuinfo). PyTorch's own check is true on any AVX-512 CPU, where bf16 is emulated and slower
+    than fp32; elsewhere (macOS, Windows) we cannot tell, and answer False."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def amp_dtype(device, amp="auto"):
-    """The autocast dtype, or None for plain fp32. auto: bf16 on GPUs that have it (else fp16 with a
-    grad scaler); bf16 on CPUs with native bf16 (AVX512-BF16 / AMX: about 2-4x faster here); fp32
-    on other CPUs (emulated bf16 is slower) and on MPS (not measured by us: try --amp fp16)."""
+    """The autocast dtype, or None for plain fp32. auto: bf16 where the hardware computes it natively,
+    on GPUs of compute capability 8.0 or more (Ampere, Hopper) and on CPUs with AVX512-BF16 or AMX
+    (about 3x faster than fp32 on those); fp16 with a grad scaler on older GPUs (V100, T4: bf16
+    there is emulated); fp32 on other CPUs and on MPS (not measured by us: try --amp fp16)."""
     if amp == "off":
         return None
     if amp in ("bf16", "fp16"):
         return torch.bfloat16 if amp == "bf16" else torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
@@ -156,9 +222,28 @@ def maybe_compile(model, flag):
     return torch.compile(model) if flag else model
 
 
-def batch(data_images, data_masks, idx, aug="none"):
+def data_generator(device, seed):
+    """The random generator of a run's data stream: batch order and augmentation. It is its own,
+    apart from torch's global one (which draws the initial weights), so that building any extra
+    module (a regressor, a projector, a second teacher) never changes the batches a run sees:
+    rows of a study differ only in what they distil. On a CUDA device it lives there (no copies)."""
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+
+
+def batches(indices, batch_size, generator):
+    """One epoch of shuffled batches of `indices` (a tensor on the data's device). A last batch of a
+    single image joins the batch before it: BatchNorm cannot normalise one value per channel, which
+    is what a 1x1 bottleneck (--size 16 to 31) would hand it."""
+    order = torch.randperm(len(indices), generator=generator, device=generator.device).to(indices.device)
+    chunks = list(indices[order].split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+def batch(data_images, data_masks, idx, aug="none", generator=None):
     """Index a batch out of the uint8 tensors on the device, augment it, normalise it."""
-    x, y = augment(data_images[idx].float() / 255, data_masks[idx], aug)
+    x, y = augment(data_images[idx].float() / 255, data_masks[idx], aug, generator)
     return normalize(x).contiguous(memory_format=torch.channels_last), y
 
 
@@ -190,7 +275,7 @@ def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_w
         with autocast(device, dtype):
             logits = model(x).float()
         loss = loss + supervised_loss(logits, y, dice_weight) * len(idx)
-        d, j = dice_iou(logits.softmax(1)[:, 1:] >= 0.5, y)
+        d, j = dice_iou(lesion_mask(logits), y)
         dice.append(d)
         iou.append(j)
     model.train(was_training)
@@ -202,28 +287,44 @@ def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_w
 
 # ----------------------------------------------------------------------------- training
 
-def fit(model, images, masks, split, step, args, device, dtype, save, params=None):
-    """Adam on `params` (default: the model's), early stopping on the validation loss.
+def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epochs=100, patience=20,
+        batch_size=16, lr=1e-4, aug="strong", seed=0, dice_weight=0.0, state_path=None, resume=None, tag=None):
+    """Train `model` (and the `extras` that learn with it: a regressor, a projector) with Adam;
+    early stopping on the validation loss; returns a dict: best_epoch, best_state (the model's
+    state_dict at the lowest validation loss), best_val (its validation metrics), stopped ("early
+    stop", "last epoch" or "interrupted"), train_seconds.
 
     step(x, y) -> dict of scalar losses, "loss" being the one to minimise. After each epoch the
-    validation loss (supervised, so teacher and student are judged alike) is computed; when it
-    improves, save(epoch, val) writes the checkpoint, so the best one is on disk at all times.
-    Stops after args.patience epochs without improvement, at args.epochs, on Ctrl-C (the best
-    checkpoint stays), or on a non-finite loss (FloatingPointError; the best checkpoint stays).
-    Returns (best_epoch, best_state, stopped): the model's best state_dict, and why training
-    stopped: "early stop", "last epoch" or "interrupted".
+    validation loss (supervised, so teacher and student are judged alike) decides the best epoch.
+    If `state_path` is given, the run's whole state (weights, optimiser, the data stream's generator,
+    counters, the best weights so far, and `tag`, what identifies the run) is written there after
+    every epoch, atomically; `resume` is such a state, loaded, to go on from. Stops after `patience`
+    epochs without improvement, at `epochs`, on Ctrl-C (going on with the best weights), or on a
+    non-finite loss (FloatingPointError: the state of the last good epoch stays on disk).
     """
-    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=args.lr)
+    modules = [model, *extras]
+    opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    generator = data_generator(device, seed)
     train_idx = torch.as_tensor(split["train"], device=device)
-    best_loss, best_epoch, best_state, times, stopped = math.inf, 0, None, [], "last epoch"
+    run = dict(epoch=0, best_loss=math.inf, best_epoch=0, best_state=None, best_val=None, seconds=[])
+    if resume is not None:
+        for m, state in zip(modules, resume["modules"]):
+            m.load_state_dict(state)
+        opt.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        generator.set_state(resume["generator"])
+        run = resume["run"]
+        print(f"resumed after epoch {run['epoch']} (best {run['best_loss']:.4f} @ {run['best_epoch']})")
+    stopped = "last epoch"
     try:
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(run["epoch"] + 1, epochs + 1):
             t0 = time.time()
-            model.train()
+            for m in modules:
+                m.train()
             sums = {}
-            for idx in train_idx[torch.randperm(len(train_idx), device=device)].split(args.batch_size):
-                x, y = batch(images, masks, idx, args.aug)
+            for idx in batches(train_idx, batch_size, generator):
+                x, y = batch(images, masks, idx, aug, generator)
                 with autocast(device, dtype):
                     parts = step(x, y)
                 opt.zero_grad(set_to_none=True)
@@ -233,33 +334,40 @@ def fit(model, images, masks, split, step, args, device, dtype, save, params=Non
                 for k, v in parts.items():  # summed on the device: no host sync per step
                     sums[k] = sums.get(k, 0) + v.detach().float() * len(idx)
             train = {k: float(v) / len(train_idx) for k, v in sums.items()}
-            if not math.isfinite(train["loss"]):
-                raise FloatingPointError(
-                    f"training loss became {train['loss']} at epoch {epoch}; "
-                    + (f"best checkpoint (epoch {best_epoch}) kept" if best_epoch else "no checkpoint was saved")
-                    + "; try a lower --lr or --amp off")
-            val = evaluate(model, images, masks, split["val"], device, dtype, args.batch_size, args.dice_weight)
-            if val["loss"] < best_loss:
-                best_loss, best_epoch = val["loss"], epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                save(epoch, val)
-            times.append(time.time() - t0)
-            per_epoch = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]  # epoch 1 also warms up
-            left = (args.epochs - epoch) * per_epoch
+            val = evaluate(model, images, masks, split["val"], device, dtype, batch_size, dice_weight)
+            for what, loss in (("training", train["loss"]), ("validation", val["loss"])):
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{what} loss became {loss} at epoch {epoch}; "
+                        + (f"the state after epoch {run['epoch']} is in {state_path}" if state_path and run["epoch"]
+                           else "nothing was saved") + "; try a lower --lr or --amp off")
+            if val["loss"] < run["best_loss"]:
+                run.update(best_loss=val["loss"], best_epoch=epoch, best_val=val,
+                           best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            run["epoch"] = epoch
+            run["seconds"].append(time.time() - t0)
+            if state_path:
+                save_checkpoint(state_path, dict(project=PROJECT, kind="state", tag=tag, run=run,
+                                                 modules=[m.state_dict() for m in modules],
+                                                 optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                                                 generator=generator.get_state()))
+            s = run["seconds"]
+            left = (epochs - epoch) * (sum(s[1:]) / (len(s) - 1) if len(s) > 1 else s[0])  # epoch 1 also warms up
             comps = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
-            print(f"epoch {epoch:3d}/{args.epochs} | train {train['loss']:.4f}" + (f" ({comps})" if comps else "")
-                  + f" | val loss {val['loss']:.4f} dice {100 * val['dice']:.1f} | best {best_loss:.4f} @ {best_epoch}"
-                  + f" | {times[-1]:.1f}s, at most {fmt_time(left)} left", flush=True)
-            if epoch - best_epoch >= args.patience:
-                print(f"early stop: no better validation loss for {args.patience} epochs")
+            print(f"epoch {epoch:3d}/{epochs} | train {train['loss']:.4f}" + (f" ({comps})" if comps else "")
+                  + f" | val loss {val['loss']:.4f} dice {100 * val['dice']:.1f} | best {run['best_loss']:.4f} @ "
+                  + f"{run['best_epoch']} | {s[-1]:.1f}s, at most {fmt_time(left)} left", flush=True)
+            if epoch - run["best_epoch"] >= patience:
+                print(f"early stop: no better validation loss for {patience} epochs")
                 stopped = "early stop"
                 break
     except KeyboardInterrupt:
-        if best_state is None:
+        if run["best_state"] is None:
             raise
-        print(f"\ninterrupted: going on with the best checkpoint (epoch {best_epoch})")
+        print(f"\ninterrupted: going on with the best weights (epoch {run['best_epoch']})")
         stopped = "interrupted"
-    return best_epoch, best_state, stopped
+    return dict(best_epoch=run["best_epoch"], best_state=run["best_state"], best_val=run["best_val"],
+                stopped=stopped, train_seconds=sum(run["seconds"]))
 
 
 def fmt_time(seconds):
@@ -272,13 +380,40 @@ def fmt_params(n):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def atomic_write(path, write):
+    """Write `path` through write(file): into a temporary file of a unique name in the same folder,
+    flushed to disk (fsync), then renamed over `path`. A crash or Ctrl-C mid-write never leaves half
+    a file, and two runs writing one path never share a temporary file."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_checkpoint(path, ckpt):
-    """Atomic: write a temporary file, then rename it over the old one, so a crash or Ctrl-C
-    mid-write never leaves a broken checkpoint behind."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def file_hash(path):
+    """sha1 of a file's bytes: which exact checkpoint a result came from."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def make_checkpoint(kind, model, args, data, split, **extra):
@@ -317,6 +452,59 @@ def build_model(ckpt):
     model = UNet(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- runs that survive
+
+HOW_OPTIONS = {"device", "compile", "out", "resume", "data", "teacher", "split", "save_split", "baseline"}
+
+
+def run_tag(args, data, split, **more):
+    """What makes two runs the same run: the options that decide the result (not where the files
+    are or how fast it runs), the data's fingerprint, the split, and `more` (a student's teachers)."""
+    return dict(options={k: v for k, v in sorted(vars(args).items()) if k not in HOW_OPTIONS},
+                split={k: [data.names[i] for i in v] for k, v in split.items()},
+                data_fingerprint=data.fingerprint(), **more)
+
+
+def state_path(out):
+    """Where an unfinished run keeps its state, beside its checkpoint: out/teacher.pt -> out/teacher.run.pt."""
+    return out[:-3] + ".run.pt"
+
+
+def resume_state(args, tag):
+    """The saved state of an unfinished run to go on from (--resume), or None to start afresh."""
+    path = state_path(args.out)
+    if not args.resume:
+        if os.path.isfile(path):
+            print(f"note: {path} holds an unfinished run; starting afresh (add --resume to go on with it)")
+        return None
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no unfinished run at {path}; run without --resume to start one")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume: {path} is not readable ({type(e).__name__}); run without --resume") from None
+    old = state.get("tag") or {}
+    if old != tag:
+        o, n = old.get("options", {}), tag["options"]
+        diff = ", ".join(f"--{k} {o.get(k)} (now {n.get(k)})" for k in sorted(o.keys() | n.keys()) if o.get(k) != n.get(k))
+        raise UserError(f"--resume: {path} was made with {diff or 'other data, split or teachers'}; "
+                        f"give the same options, or run without --resume to start afresh")
+    return state
+
+
+def finish(args, ckpt, stopped):
+    """Write the finished checkpoint (only now: an unfinished run never replaces an older finished
+    one), then drop the run's state, unless Ctrl-C stopped it: --resume can still go on then."""
+    save_checkpoint(args.out, ckpt)
+    if stopped != "interrupted" and os.path.isfile(state_path(args.out)):
+        os.remove(state_path(args.out))
+
+
+def lesion_mask(logits, threshold=0.5):
+    """Where the lesion's softmax probability is at least `threshold`: (N, 2, H, W) -> (N, 1, H, W) bool."""
+    return logits.float().softmax(dim=1)[:, 1:] >= threshold
 
 
 # ----------------------------------------------------------------------------- running a script

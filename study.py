@@ -1,19 +1,27 @@
 """Reproduce the main paper's Table 4: every distillation pathway x loss x teacher augmentation,
-over the folds of the k-fold split, with paired permutation p-values. One command:
+over the folds of the k-fold split and over seeds, with the gain of each row over the student alone
+and its 95% interval. One command:
 
     python study.py                               # BUSI at data/Dataset_BUSI_with_GT, else the phantom
     python study.py --fold_list 0 --rows Teacher,Student,L_KLD_WAug --epochs 20
+    python study.py --seeds 0,1,2                 # every row 3 times per fold: the spread over retraining
     python study.py --epochs 500 --patience 50 --batch_size 64 --teacher_width 112   # the paper's scale
 
-Per fold it trains two teachers (train_teacher.py --aug strong and --aug weak), then the student
-alone and twelve distilled students (train_student.py), each row from the teacher its name says:
-_WAug rows from the weak one. Every finished run leaves its checkpoint and one small JSON in the
-study folder (out/study/fold0/L_KLD.json, .pt); a run whose JSON is there is not run again, so a
-killed study goes on where it stopped: run the same command again. At the end it writes
-table.md (printed too), results.json and pictures.png into the study folder.
+Per fold and seed it trains two teachers (train_teacher.py --aug strong and --aug weak), then the
+student alone and twelve distilled students (train_student.py), each row from the teacher its name
+says: _WAug rows from the weak one. Every finished run leaves its checkpoint and one small JSON
+record in the study folder (out/study/fold0/seed0/L_KLD.json, .pt). A run whose record is there is
+not run again, and a run cut short goes on from its saved state, so a killed study goes on where it
+stopped: run the same command again. A teacher is trained again only when one of its students
+must run and its checkpoint is gone; its students' records name the teacher checkpoint they were
+made from (sha1), and those made from another one run again. The records alone (no checkpoints)
+are enough to print the table. At the end it writes table.md (printed too), results.json and
+pictures.png into the study folder.
 """
 import argparse
+import glob
 import json
+import math
 import os
 import shlex
 
@@ -45,7 +53,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("lr", 1e-4, "Adam learning rate (the paper: 1e-4)"),
     ("alpha", 0.5, "weight of L_distill in Eq. I (the paper: 0.5)"),
     ("T", 1.0, "KLD temperature (the paper gives none: 1)"),
-    ("seed", 0, "seed of every run: rows differ only in what they distil, which the paired test needs"),
+    ("seeds", "0", "seeds, e.g. 0,1,2: every row runs once per fold and seed; within one fold and seed, rows "
+                   "differ only in what they distil (same initial student, same batches)"),
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
     ("amp", "auto", "mixed precision: auto, bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
     ("compile", False, "torch.compile the training forward passes"),
@@ -77,12 +86,12 @@ PAPER = {  # Table 4 of Behboodi et al. 2025, Dice %, mean (+- std) over 3 folds
 HOW_NOT_WHAT = {"device", "amp", "compile", "out", "teacher"}  # options that may change on resuming
 
 
-def run_argv(row, fold, args):
+def run_argv(row, fold, seed, args):
     """The exact command-line words of one run: everything explicit, so no script default (nor the
     scripts' phantom quick-demo settings) decides anything behind the study's back."""
-    spec, folder = ROWS[row], os.path.join(args.out, f"fold{fold}")
+    spec, folder = ROWS[row], run_folder(args, fold, seed)
     common = ["--epochs", args.epochs, "--patience", args.patience, "--batch_size", args.batch_size,
-              "--lr", args.lr, "--seed", args.seed, "--device", args.device, "--amp", args.amp]
+              "--lr", args.lr, "--seed", seed, "--device", args.device, "--amp", args.amp]
     if "aug" in spec:  # a teacher
         argv = ["--data", args.data, "--classes", args.classes, "--size", args.size, "--folds", args.folds,
                 "--fold", fold, "--val_fraction", args.val_fraction, "--data_seed", args.data_seed,
@@ -90,9 +99,14 @@ def run_argv(row, fold, args):
     else:  # a student: data and split come from its teacher's checkpoint
         argv = ["--teacher", os.path.join(folder, spec["teacher"] + ".pt"), "--data", args.data,
                 "--pathway", spec["pathway"]] + (["--loss", spec["loss"]] if "loss" in spec else []) + [
-                "--alpha", args.alpha, "--T", args.T, "--width", args.student_width, "--aug", "strong"] + common
+                "--alpha", args.alpha, "--T", args.T, "--width", args.student_width, "--aug", "strong",
+                "--no-alone"] + common
     argv += ["--out", os.path.join(folder, row + ".pt")] + (["--compile"] if args.compile else [])
     return [str(w) for w in argv]
+
+
+def run_folder(args, fold, seed):
+    return os.path.join(args.out, f"fold{fold}", f"seed{seed}")
 
 
 def _what(argv):
@@ -107,44 +121,59 @@ def _what(argv):
     return {k: v for k, v in pairs.items() if k not in HOW_NOT_WHAT}
 
 
-def _write_json(path, obj):
-    tmp = path + ".tmp"  # atomic, like kd.save_checkpoint: a killed study never leaves half a file
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def stored(row, fold, seed, args, teacher_rec=None):
+    """The finished record of one run, or None when it must run: no record yet, or (a student) its
+    record was made from another teacher checkpoint than the one `teacher_rec` describes."""
+    path = os.path.join(run_folder(args, fold, seed), row + ".json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rec = json.load(f)
+    old, new = _what(rec["argv"]), _what(run_argv(row, fold, seed, args))
+    if old != new:
+        diff = ", ".join(f"--{k} {old.get(k)} (now {new.get(k)})" for k in sorted(old.keys() | new.keys())
+                         if old.get(k) != new.get(k))
+        raise UserError(f"{path}: made with other options: {diff}; give another --out, or delete the file to run it again")
+    if teacher_rec is not None and rec.get("teacher_sha1") != teacher_rec["sha1"]:
+        print(f"{path}: made from another {ROWS[row]['teacher']} checkpoint: running it again")
+        return None
+    return rec
 
 
-def run_one(row, fold, args, label):
-    """Run one row on one fold unless its JSON says it is done; returns (record, ran)."""
-    argv = run_argv(row, fold, args)
-    json_path, ckpt_path = (os.path.join(args.out, f"fold{fold}", row + ext) for ext in (".json", ".pt"))
-    teacher = "aug" in ROWS[row]
-    if os.path.isfile(json_path):
-        with open(json_path) as f:
-            rec = json.load(f)
-        if _what(rec["argv"]) != _what(argv):
-            old, new = _what(rec["argv"]), _what(argv)
-            diff = ", ".join(f"--{k} {old.get(k)} (now {new.get(k)})" for k in sorted(old.keys() | new.keys())
-                             if old.get(k) != new.get(k))
-            raise UserError(f"{json_path}: made with other options: {diff}; give another --out, "
-                            f"or delete the file to run it again")
-        if not teacher or os.path.isfile(ckpt_path):  # a teacher's students need its checkpoint too
-            return rec, False
-    script = train_teacher if teacher else train_student
-    print(f"\n=== {label} fold {fold} {row}: python {script.__name__}.py {shlex.join(argv)}", flush=True)
+def run(row, fold, seed, args, label, precision, teacher_rec=None):
+    """Train one run (going on with its unfinished state if there is one) and write its record."""
+    folder = run_folder(args, fold, seed)
+    ckpt_path, json_path = os.path.join(folder, row + ".pt"), os.path.join(folder, row + ".json")
+    if precision not in args.precisions_seen:
+        raise UserError(f"{args.out}: its runs ran in {', '.join(sorted(args.precisions_seen))}, this call would run "
+                        f"{row} fold {fold} seed {seed} in {precision}; give the --device and --amp of those runs, "
+                        f"or another --out")
+    argv = run_argv(row, fold, seed, args)
+    script = train_teacher if "aug" in ROWS[row] else train_student
+    print(f"\n=== {label} fold {fold} seed {seed} {row}: python {script.__name__}.py {shlex.join(argv)}", flush=True)
     try:
-        ckpt = script.main(argv)
+        try:
+            ckpt = script.main(argv + (["--resume"] if os.path.isfile(kd.state_path(ckpt_path)) else []))
+        except UserError as e:
+            if not str(e).startswith("--resume"):
+                raise
+            print(f"cannot go on with the unfinished run ({e}): starting it afresh")
+            ckpt = script.main(argv)
     except FloatingPointError as e:
-        raise FloatingPointError(f"fold {fold} {row}: {e}") from None
-    if ckpt["stopped"] == "interrupted":  # the script went on with its best checkpoint after Ctrl-C;
+        raise FloatingPointError(f"fold {fold} seed {seed} {row}: {e}") from None
+    if ckpt["stopped"] == "interrupted":  # the script went on with its best weights after Ctrl-C;
         raise KeyboardInterrupt            # the study must not record such a cut-short run as finished
-    t = ckpt["test"]
-    rec = dict(row=row, fold=fold, dice=t["dice"], dice_std=t["dice_std"], iou=t["iou"], iou_std=t["iou_std"],
-               per_image_dice=t["per_image_dice"], per_image_iou=t["per_image_iou"], names=t["names"],
-               parameters=ckpt["parameters"], train_seconds=t["train_seconds"], epoch=ckpt["epoch"],
-               script=script.__name__ + ".py", argv=argv, checkpoint=ckpt_path)
-    _write_json(json_path, rec)
-    return rec, True
+    t, v = ckpt["test"], ckpt["val"]
+    rec = dict(row=row, fold=fold, seed=seed, dice=t["dice"], dice_std=t["dice_std"], iou=t["iou"],
+               iou_std=t["iou_std"], val_dice=v["dice"], val_loss=v["loss"], per_image_dice=t["per_image_dice"],
+               per_image_iou=t["per_image_iou"], names=t["names"], parameters=ckpt["parameters"],
+               train_seconds=t["train_seconds"], epoch=ckpt["epoch"], stopped=ckpt["stopped"],
+               precision=ckpt["precision"], sha1=kd.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv,
+               checkpoint=ckpt_path, versions=ckpt["versions"])
+    if teacher_rec is not None:
+        rec["teacher_sha1"] = teacher_rec["sha1"]
+    kd.write_json(json_path, rec)
+    return rec
 
 
 # ----------------------------------------------------------------------------- the paired test
@@ -179,77 +208,120 @@ def paired_permutation_test(a, b, n_perm=10000, seed=0):
 
 # ----------------------------------------------------------------------------- the table
 
-def summarise(records, rows, folds, n_perm, seed):
-    """records: {(row, fold): record} -> one dict per row, and the teacher - student gap per fold."""
-    def per_image(row):  # image name -> Dice, pooled over the folds this row has
-        return {n: d for f in folds if (row, f) in records
-                for n, d in zip(records[row, f]["names"], records[row, f]["per_image_dice"])}
+def t_quantile(q, df):
+    """The q-quantile of Student's t distribution with df degrees of freedom (q > 0.5): bisection
+    on its CDF, 1/2 + the integral of the density from 0 to x (trapezoids on 20001 points)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda t: np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+    cdf = lambda x: 0.5 + (density(np.linspace(0, x, 20001)).sum() - (density(0.0) + density(x)) / 2) * x / 20000
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_interval(d, level=0.95):
+    """Mean of paired differences d and its t interval: mean +- t(1 - (1 - level)/2, n - 1) * sd / sqrt(n).
+    Returns (mean, low, high); low and high are None for fewer than 2 pairs."""
+    d = np.asarray(d, dtype=np.float64)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else None, None, None
+    half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def summarise(records, rows, n_perm, perm_seed):
+    """records: {(row, fold, seed): record} -> one dict per row. Per row: the mean and spread of
+    Dice over its runs (fold x seed); its gain over the student alone, paired by fold and seed, with
+    a 95% t interval over those pairs; for a distilled row, the share of its teacher's lead it
+    recovers; per-image permutation p-values against Teacher and Student alone."""
+    def runs(row):
+        return {(f, s): r for (r_, f, s), r in records.items() if r_ == row}
+
+    def per_image(row):  # (fold, seed, image) -> Dice
+        return {(f, s, n): d for (f, s), r in runs(row).items() for n, d in zip(r["names"], r["per_image_dice"])}
+
+    def gain(row, base="Student"):
+        mine, theirs = runs(row), runs(base)
+        return paired_interval([mine[k]["dice"] - theirs[k]["dice"] for k in sorted(mine.keys() & theirs.keys())])
 
     out = {}
     for row in rows:
-        recs = [records[row, f] for f in folds if (row, f) in records]
+        recs = list(runs(row).values())
         if not recs:
             continue
-        fold_dice = [r["dice"] for r in recs]
-        images = np.array(list(per_image(row).values()))
-        s = dict(folds=[r["fold"] for r in recs], dice_folds=fold_dice, dice_mean=float(np.mean(fold_dice)),
-                 dice_std=float(np.std(fold_dice, ddof=1)) if len(recs) > 1 else None,
-                 image_dice_mean=float(images.mean()), image_dice_std=float(images.std()), n_images=len(images),
+        dice = [r["dice"] for r in recs]
+        s = dict(runs=len(recs), folds=sorted({r["fold"] for r in recs}), seeds=sorted({r["seed"] for r in recs}),
+                 dice_mean=float(np.mean(dice)), dice_std=float(np.std(dice, ddof=1)) if len(dice) > 1 else None,
+                 val_dice_mean=float(np.mean([r["val_dice"] for r in recs])),
                  iou_mean=float(np.mean([r["iou"] for r in recs])), parameters=recs[0]["parameters"],
-                 train_seconds=float(sum(r["train_seconds"] for r in recs)), paper=PAPER.get(row))
+                 train_seconds=float(sum(r["train_seconds"] for r in recs)),
+                 precision=sorted({r["precision"] for r in recs}), paper=PAPER.get(row))
+        s["gain"] = gain(row) if row != "Student" else (None, None, None)
+        teacher = ROWS[row].get("teacher")
+        if row in DISTILLED and runs(teacher):
+            lead = gain(teacher)[0]
+            s["teacher_lead"] = lead
+            s["share_of_lead"] = s["gain"][0] / lead if lead and lead > 0 else None
         for base in ("Teacher", "Student"):
-            if row == base or not any((base, f) in records for f in folds):
-                s[f"p_vs_{base.lower()}"], s[f"pairs_vs_{base.lower()}"] = None, 0
-                continue
             mine, theirs = per_image(row), per_image(base)
-            names = sorted(mine.keys() & theirs.keys())  # images matched by name
-            s[f"p_vs_{base.lower()}"] = paired_permutation_test([mine[n] for n in names], [theirs[n] for n in names],
-                                                                n_perm, seed)
-            s[f"pairs_vs_{base.lower()}"] = len(names)
+            keys = sorted(mine.keys() & theirs.keys())
+            s[f"p_vs_{base.lower()}"] = (None if row == base or not keys else paired_permutation_test(
+                [mine[k] for k in keys], [theirs[k] for k in keys], n_perm, perm_seed))
+            s[f"pairs_vs_{base.lower()}"] = len(keys) if row != base else 0
         out[row] = s
-    gap = {f: records["Teacher", f]["dice"] - records["Student", f]["dice"] for f in folds
-           if ("Teacher", f) in records and ("Student", f) in records}
-    return out, gap
+    return out
 
 
 def _p(p):
     return "—" if p is None else f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
 
-def format_table(summary, gap, args, folds):
+def verdict(gain):
+    """What a gain's 95% interval says: above zero, below zero, or too close to call."""
+    mean, low, high = gain
+    if low is None:
+        return "one run: no interval"
+    return "above 0" if low > 0 else "below 0" if high < 0 else "too close to call"
+
+
+def format_table(summary, args, folds, seeds):
     pct = lambda x: f"{100 * x:.2f}"
-    lines = ["| Row | Dice % (folds) | Dice % (images) | IoU % | Params | Train time | p vs Teacher | p vs Student "
-             "| Paper Dice % |", "|---|---|---|---|---|---|---|---|---|"]
+    signed = lambda x: f"{100 * x:+.2f}"
+    lines = ["| Row | Runs | Dice % (mean ± sd over runs) | Val Dice % | Gain over Student alone [95% CI] "
+             "| Verdict | Share of teacher's lead | Params | p vs Teacher | p vs Student | Paper Dice % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, s in summary.items():
         name = f"{row}*" if row in EXTRA_ROWS else row
-        fold_dice = pct(s["dice_mean"]) + ("" if s["dice_std"] is None else f" ± {pct(s['dice_std'])}")
-        lines.append(f"| {name} | {fold_dice} | {pct(s['image_dice_mean'])} ± {pct(s['image_dice_std'])} "
-                     f"| {pct(s['iou_mean'])} | {kd.fmt_params(s['parameters'])} | {kd.fmt_time(s['train_seconds'])} "
+        spread = "" if s["dice_std"] is None else f" ± {pct(s['dice_std'])}"
+        g = s["gain"]
+        gain = "—" if g[0] is None else signed(g[0]) + ("" if g[1] is None else f" [{signed(g[1])}, {signed(g[2])}]")
+        share = "—" if s.get("share_of_lead") is None else f"{100 * s['share_of_lead']:.0f}%"
+        lines.append(f"| {name} | {s['runs']} | {pct(s['dice_mean'])}{spread} | {pct(s['val_dice_mean'])} | {gain} "
+                     f"| {verdict(g) if g[0] is not None else '—'} | {share} | {kd.fmt_params(s['parameters'])} "
                      f"| {_p(s['p_vs_teacher'])} | {_p(s['p_vs_student'])} | {s['paper'] or '—'} |")
-    n = max((s["n_images"] for s in summary.values()), default=0)
-    pairs = sorted({s[k] for s in summary.values() for k in ("pairs_vs_teacher", "pairs_vs_student") if s[k]})
-    tests = len({frozenset((row, base)) for row, s in summary.items() for base in ("Teacher", "Student")
-                 if s[f"p_vs_{base.lower()}"] is not None})  # Teacher vs Student counts once
-    test = (f"n = {', '.join(map(str, pairs))} pairs; exact over all 2^n sign patterns when n <= 20, else "
-            f"{args.n_perm} random sign flips with seed {args.perm_seed}, p = (count + 1) / (n_perm + 1)")
+    precisions = sorted({p for s in summary.values() for p in s["precision"]})
     lines += [
         "",
-        f"Data: {args.data}, folds {','.join(map(str, folds))} of {args.folds}, {args.size}x{args.size}, "
-        f"teacher width {args.teacher_width}, student width {args.student_width}, at most {args.epochs} epochs "
-        f"(patience {args.patience}). Dice % (folds): mean ± sample std of the per-fold mean Dice; "
-        f"Dice % (images): mean ± std over all {n} test images pooled over the folds (the paper's ± looks like "
-        f"this per-image spread); IoU: mean of the per-fold means; train time: summed over the folds.",
-        f"p: two-sided paired sign-flip permutation test on per-image Dice, images matched by name ({test}); "
-        f"{tests} tests, not corrected for multiple comparisons: at 0.05, about one in twenty "
-        f"is 'significant' by chance.",
+        f"Data: {args.data}, folds {','.join(map(str, folds))} of {args.folds}, seeds {','.join(map(str, seeds))}, "
+        f"{args.size}x{args.size}, teacher width {args.teacher_width}, student width {args.student_width}, at most "
+        f"{args.epochs} epochs (patience {args.patience}), batch {args.batch_size}, lr {args.lr}; "
+        f"precision {', '.join(precisions)}. A run is one fold and one seed; Dice: mean ± sample std over a row's runs "
+        f"of each run's mean test Dice; Val Dice: the same on the validation part, which is what rows are chosen by.",
+        "Gain: the row's Dice minus the student alone's, paired by fold and seed, mean and 95% t interval over the "
+        "pairs (each fold-seed pair taken as an independent replicate; folds share training images, so the "
+        "interval is if anything too narrow). Verdict: 'above 0' or 'below 0' when the interval excludes 0, "
+        "else too close to call. Share of teacher's lead: gain / (its teacher - student alone), means over the pairs.",
+        f"p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold, seed and "
+        f"name ({args.n_perm} random sign flips with seed {args.perm_seed} above 20 pairs, else exact); it is "
+        f"conditional on the trained models (it asks whether these models differ on these images, not whether "
+        f"the method does over retraining): read the gain's interval for that. Not corrected for multiple tests.",
     ]
     if EXTRA_ROWS & summary.keys():
-        lines.append("* extra row, not in the paper's Table 4: the weak-augmentation teacher "
-                     "the _WAug rows distil from.")
-    if gap:
-        lines.append("Teacher - Student alone, Dice points per fold: "
-                     + ", ".join(f"fold {f} {100 * g:+.2f}" for f, g in gap.items())
-                     + " (the paper: 81.50 - 73.16 = +8.34 on average).")
+        lines.append("* extra row, not in the paper's Table 4: the weak-augmentation teacher the _WAug rows distil from.")
     return "\n".join(lines)
 
 
@@ -284,12 +356,13 @@ def _tile(image, tile, gt=None, pred=None, text=None):
     return im
 
 
-def make_pictures(args, fold, best, path):
+def make_pictures(args, fold, seed, best, path):
     """A grid of `args.pictures` test images of `fold`, evenly spaced among its test images: image,
     ground truth, then the Teacher's, the Student alone's and the best distilled student's lesion
-    (softmax[:, 1] >= 0.5, preprocessed exactly as in training and testing), Dice on each tile.
+    (kd.lesion_mask, preprocessed exactly as in training and testing), Dice on each tile. The best
+    distilled row is the one with the best validation Dice: the test part plays no part in choosing it.
     Made from BUSI it shows BUSI's images: keep it out of git (out/ is ignored)."""
-    paths = [os.path.join(args.out, f"fold{fold}", r + ".pt") for r in ("Teacher", "Student", best)]
+    paths = [os.path.join(run_folder(args, fold, seed), r + ".pt") for r in ("Teacher", "Student", best)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:  # its JSON is there, so the study did not re-run it
         print(f"no pictures: {', '.join(missing)} missing; delete its .json and run the study again to remake it")
@@ -297,7 +370,8 @@ def make_pictures(args, fold, best, path):
     ckpts = [kd.load_checkpoint(p, "teacher" if i == 0 else "student", "checkpoint") for i, p in enumerate(paths)]
     targs = argparse.Namespace(**ckpts[0]["args"])
     targs.data = args.data
-    data, split = kd.load_split_data(targs)
+    data, splits = kd.load_split_data(targs)
+    split = splits[fold]
     test = split["test"]
     spaced = np.linspace(0, len(test) - 1, min(args.pictures, len(test))).round().astype(int)
     chosen = [test[i] for i in np.unique(spaced)]  # a fixed choice: the same images on every call
@@ -309,10 +383,10 @@ def make_pictures(args, fold, best, path):
     for ck in ckpts:
         model = kd.to_device(kd.build_model(ck), device)
         with torch.no_grad(), kd.autocast(device, dtype):
-            lesion = model(x).float().softmax(1)[:, 1:] >= 0.5
+            lesion = kd.lesion_mask(model(x))
         preds.append(lesion[:, 0].cpu().numpy())
         dices.append(kd.dice_iou(lesion, y)[0].cpu().numpy())
-    titles = ["image", "ground truth (green)", "Teacher (red)", "Student alone", f"{best} (best KD)"]
+    titles = ["image", "ground truth (green)", "Teacher (red)", "Student alone", f"{best} (best KD on val)"]
     tile = max(args.size, TILE_MIN)
     grid = Image.new("RGB", (len(titles) * (tile + PAD) + PAD, TITLE + len(chosen) * (tile + PAD) + PAD), "white")
     draw = ImageDraw.Draw(grid)
@@ -342,47 +416,70 @@ def _choose(text, valid, what):
 
 
 def main(argv=None):
-    """Run with command-line words `argv`; returns dict(summary, gap, table, ran), `ran` listing the
-    (row, fold) runs this call trained (none when everything was done already)."""
+    """Run with command-line words `argv`; returns dict(summary, table, ran), `ran` listing the
+    (row, fold, seed) runs this call trained (none when everything was done already)."""
     args, given = kd.parse_args(OPTIONS, __doc__, argv)
     kd.choose_data(args, given, PHANTOM_DEMO)
     if args.folds < 2:
         raise UserError(f"--folds {args.folds}: need at least 2 folds")
     folds = sorted({int(f) for f in _choose(args.fold_list, [str(f) for f in range(args.folds)], "fold_list")})
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seeds {args.seeds}: give whole numbers, comma-separated, e.g. 0,1,2")
     chosen = set(_choose(args.rows, list(ROWS), "rows")) | {"Teacher", "Student"}
     chosen |= {ROWS[r]["teacher"] for r in chosen if "teacher" in ROWS[r]}  # a _WAug row needs its teacher
     rows = [r for r in ROWS if r in chosen]  # the paper's order, teachers first
     if args.pictures < 0 or args.n_perm < 1:
         raise UserError("--pictures must be >= 0 and --n_perm >= 1")
-    for f in folds:
-        os.makedirs(os.path.join(args.out, f"fold{f}"), exist_ok=True)
+    precision = kd.precision_name(kd.amp_dtype(kd.pick_device(args.device), args.amp))
+    seen = set()
+    for path in glob.glob(os.path.join(args.out, "fold*", "seed*", "*.json")):
+        with open(path) as f:
+            seen.add(json.load(f).get("precision"))
+    args.precisions_seen = seen or {precision}  # a new run must not mix precisions into a study
 
-    records, ran, total = {}, [], len(folds) * len(rows)
+    records, ran, total = {}, [], len(folds) * len(seeds) * len(rows)
+    label = lambda: f"[{len(records) + 1}/{total}]"
     try:
         for f in folds:
-            for row in rows:
-                rec, did = run_one(row, f, args, f"[{len(records) + 1}/{total}]")
-                records[row, f] = rec
-                if did:
-                    ran.append((row, f))
+            for s in seeds:
+                for teacher in [r for r in rows if "aug" in ROWS[r]]:
+                    t_rec = stored(teacher, f, s, args)
+                    students = [r for r in rows if ROWS[r].get("teacher") == teacher]
+                    pending = [r for r in students if t_rec is None or stored(r, f, s, args, t_rec) is None]
+                    t_ckpt = os.path.join(run_folder(args, f, s), teacher + ".pt")
+                    if t_rec is None or (pending and not os.path.isfile(t_ckpt)):  # students need its checkpoint
+                        t_rec = run(teacher, f, s, args, label(), precision)
+                        ran.append((teacher, f, s))
+                    records[teacher, f, s] = t_rec
+                    for r in students:
+                        rec = stored(r, f, s, args, t_rec)
+                        if rec is None:
+                            rec = run(r, f, s, args, label(), precision, t_rec)
+                            ran.append((r, f, s))
+                        records[r, f, s] = rec
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(ran)} runs finished and saved in {args.out}; "
               f"run the same command again to go on", flush=True)
         raise SystemExit(130) from None
 
-    summary, gap = summarise(records, rows, folds, args.n_perm, args.perm_seed)
-    table = format_table(summary, gap, args, folds)
+    summary = summarise(records, rows, args.n_perm, args.perm_seed)
+    table = format_table(summary, args, folds, seeds)
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(table + "\n")
-    _write_json(os.path.join(args.out, "results.json"),
-                dict(options=vars(args), folds=folds, rows=summary, teacher_minus_student=gap, runs_this_call=ran))
+    options = {k: v for k, v in vars(args).items() if k != "precisions_seen"}
+    kd.write_json(os.path.join(args.out, "results.json"), dict(options=options, folds=folds, seeds=seeds,
+                                                               rows=summary, runs_this_call=ran))
     print(f"\n{table}\n\n{len(ran)} runs trained by this call, {len(records) - len(ran)} reused; "
           f"wrote {os.path.join(args.out, 'table.md')} and results.json")
     distilled = [r for r in DISTILLED if r in summary]
     if args.pictures and distilled:
-        best = max(distilled, key=lambda r: summary[r]["dice_mean"])
-        make_pictures(args, folds[0], best, os.path.join(args.out, "pictures.png"))
-    return dict(summary=summary, gap=gap, table=table, ran=ran)
+        best = max(distilled, key=lambda r: summary[r]["val_dice_mean"])  # chosen on validation, never on test
+        make_pictures(args, folds[0], seeds[0], best, os.path.join(args.out, "pictures.png"))
+    return dict(summary=summary, table=table, ran=ran)
 
 
 if __name__ == "__main__":

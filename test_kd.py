@@ -372,12 +372,15 @@ def test_training_lowers_the_loss():
                                                ("none", "kld", []), ("hidden", "kld", ["--teacher_flip"])])
 def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss, extra):
     path, t = tiny_teacher
-    s = train_student.main(["--teacher", path, "--pathway", pathway, "--loss", loss, "--width", "2",
+    s = train_student.main(["--teacher", path, "--pathway", pathway, "--loss", loss, "--width", "2", "--no-alone",
                             "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")] + extra)
     assert s["split"] == t["split"] and s["kind"] == "student"
-    assert not any(k.startswith("0.") for k in s["model"])  # the regressor is not saved with the student
+    saved = kd.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
+    assert sorted(saved) == sorted(UNet(2).state_dict())  # exactly a student: no regressor weights saved with it
     assert s["parameters"] == count_parameters(UNet(2)) and s["teacher_parameters"] == t["parameters"]
-    assert s["teacher_test"]["per_image_dice"] == pytest.approx(t["test"]["per_image_dice"])
+    if not extra:  # the plain teacher is what is reported as the teacher
+        assert s["teacher_test"]["per_image_dice"] == pytest.approx(t["test"]["per_image_dice"])
+    assert not os.path.exists(tmp_path / "student_alone.pt") and not os.path.exists(tmp_path / "s.run.pt")
 
 
 def test_student_refuses_another_split(tiny_teacher, tmp_path):
@@ -421,7 +424,7 @@ def test_student_distils_an_ensemble_of_teachers(tiny_teacher, tmp_path):
     other = str(tmp_path / "teacher_seed1.pt")
     t1 = train_teacher.main(TINY + ["--width", "4", "--seed", "1", "--out", other])
     s = train_student.main(["--teacher", f"{path},{other}", "--width", "2", "--epochs", "1", "--batch_size", "4",
-                            "--out", str(tmp_path / "s.pt")])
+                            "--no-alone", "--out", str(tmp_path / "s.pt")])
     assert s["teacher_parameters"] == t["parameters"] + t1["parameters"] and s["split"] == t["split"]
     ens_loss = s["teacher_test"]["loss"]  # the ensemble is what is evaluated as the teacher, not one member
     assert ens_loss != pytest.approx(t["test"]["loss"]) and ens_loss != pytest.approx(t1["test"]["loss"])
@@ -435,7 +438,10 @@ def test_student_distils_an_ensemble_of_teachers(tiny_teacher, tmp_path):
     assert_one_line_error(rc, err, "leaky.pt", "split differs")
 
 
-def test_nan_loss_stops_and_keeps_the_best_checkpoint(tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_keeps_the_state_and_the_older_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "t.pt")
+    finished = train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--out", out])  # an older, finished run
+    before = kd.file_hash(out)
     calls = {"n": 0}
     real = train_teacher.supervised_loss
 
@@ -445,13 +451,27 @@ def test_nan_loss_stops_and_keeps_the_best_checkpoint(tmp_path, monkeypatch, cap
         return loss * float("nan") if calls["n"] > 3 else loss
 
     monkeypatch.setattr(train_teacher, "supervised_loss", flaky)
-    out = str(tmp_path / "t.pt")
     with pytest.raises(SystemExit) as e:
         kd.run(lambda: train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out]))
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: training loss became nan at epoch 2") and "best checkpoint (epoch 1) kept" in err
-    assert kd.load_checkpoint(out, "teacher")["epoch"] == 1
+    assert err.startswith("error: training loss became nan at epoch 2") and "state after epoch 1" in err
+    assert len(err.splitlines()) == 1
+    assert kd.file_hash(out) == before and kd.load_checkpoint(out, "teacher")["test"] == finished["test"]
+    state = torch.load(kd.state_path(out), weights_only=True)  # the last good epoch, for --resume
+    assert state["run"]["epoch"] == 1 and state["run"]["best_epoch"] == 1
+
+
+def test_nan_validation_loss_from_epoch_one_is_one_line(tmp_path, monkeypatch, capsys):
+    real = kd.evaluate
+    monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), loss=float("nan")))
+    out = tmp_path / "t.pt"
+    with pytest.raises(SystemExit) as e:
+        kd.run(lambda: train_teacher.main(TINY + ["--width", "2", "--out", str(out)]))
+    assert e.value.code == 1  # as for a run that diverged
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: validation loss became nan at epoch 1"), err
+    assert "nothing was saved" in err[0] and not out.exists()
 
 
 def test_ctrl_c_keeps_the_best_checkpoint(tmp_path, monkeypatch):
@@ -469,6 +489,7 @@ def test_ctrl_c_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out])
     assert ckpt["epoch"] == 1 and ckpt["stopped"] == "interrupted"
     assert kd.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
+    assert os.path.isfile(kd.state_path(out))  # kept: --resume can go on with the run
 
 
 def test_bad_options_and_help(tiny_teacher, tmp_path):
@@ -484,6 +505,234 @@ def test_bad_options_and_help(tiny_teacher, tmp_path):
                               ("train_student.py", ["--teacher", tiny_teacher[0], "--alpha", "2"], ["--alpha 2.0"])):
         rc, _, err = script(name, *args, cwd=str(tmp_path))
         assert_one_line_error(rc, err, *words)
+
+
+# ----------------------------------------------------------------------------- training loop, resume, splits
+
+def test_intensity_augmentation_survives_normalisation():
+    """x * c + b is undone by per-image normalisation; strong augmentation's grey-level changes are not."""
+    x = data.make_phantom(8, 48, 0).images.float() / 255
+    affine = (x * 0.8 + 0.1).clamp(0, 1)
+    assert (data.normalize(affine) - data.normalize(x)).abs().max() < 1e-3  # why a plain brightness/contrast is useless
+    change = lambda **p: (data.normalize(data.intensity(x, dict(data.AUGMENT["strong"], noise=0.0, dropout=0.0, **p),
+                                                        torch.Generator().manual_seed(0)).clamp(0, 1))
+                          - data.normalize(x)).abs().mean(dim=(1, 2, 3))
+    assert (change(gamma=(0.75, 0.75), gain=0.0) > 0.02).all()  # every image, over all its pixels, not only where it clips
+    assert change(gamma=(1.0, 1.0), gain=0.3).mean() > 0.02     # depth gain alone
+    assert change().mean() > 0.05                               # the strong defaults
+
+
+def test_augmentation_draws_only_from_its_generator():
+    y = data.make_phantom(4, 32, 0).masks
+    x = y.float()
+    state = torch.get_rng_state()
+    a = data.augment(x, y, "strong", torch.Generator().manual_seed(3))
+    b = data.augment(x, y, "strong", torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_extra_modules_do_not_shift_the_data_stream(tiny_teacher, tmp_path, monkeypatch):
+    """The student alone and an HR student (whose regressor draws initial weights) see the same batches."""
+    seen = {}
+    real = kd.batch
+
+    def record(images, masks, idx, aug="none", generator=None):
+        x, y = real(images, masks, idx, aug, generator)
+        if generator is not None:  # a training batch
+            seen.setdefault(run, []).append(x.clone())
+        return x, y
+
+    monkeypatch.setattr(kd, "batch", record)
+    for run in ("none", "hidden_regressor"):
+        train_student.main(["--teacher", tiny_teacher[0], "--pathway", run, "--width", "2", "--no-alone",
+                            "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / f"{run}.pt")])
+    assert len(seen["none"]) == len(seen["hidden_regressor"]) == 3
+    assert all(torch.equal(a, b) for a, b in zip(seen["none"], seen["hidden_regressor"]))
+
+
+def test_batches_cover_every_index_once_and_never_leave_one_alone():
+    idx = torch.arange(10) * 3
+    chunks = kd.batches(idx, 3, torch.Generator().manual_seed(0))
+    assert [len(c) for c in chunks] == [3, 3, 4]  # 3 + 3 + 3 + 1: the lone image joins the batch before it
+    assert sorted(torch.cat(chunks).tolist()) == idx.tolist()
+    assert [len(c) for c in kd.batches(idx, 4, torch.Generator())] == [4, 4, 2]
+    assert [len(c) for c in kd.batches(idx[:1], 4, torch.Generator())] == [1]
+
+
+def test_one_by_one_bottleneck_with_a_tail_of_one_image(tmp_path):
+    """--size 16: the bottleneck is 1x1; 10 training images in batches of 3 would leave one alone."""
+    ckpt = train_teacher.main(TINY[:4] + ["--size", "16", "--epochs", "1", "--batch_size", "3", "--folds", "2",
+                                          "--device", "cpu", "--width", "2", "--out", str(tmp_path / "t.pt")])
+    assert len(ckpt["split"]["train"]) % 3 == 1 and ckpt["epoch"] == 1
+
+
+def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(monkeypatch, capsys):
+    d = data.make_phantom(12, 32, 0)
+    split = dict(train=list(range(8)), val=[8, 9], test=[10, 11])
+    losses_by_epoch = iter([0.5, 0.3, 0.4, 0.35, 0.6, 0.1])
+    real = kd.evaluate
+    monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), loss=next(losses_by_epoch)))
+    used = []
+    real_batch = kd.batch
+    monkeypatch.setattr(kd, "batch", lambda im, m, idx, aug="none", generator=None:
+                        (used.append(idx.tolist()) if generator is not None else None) or real_batch(im, m, idx, aug, generator))
+    model = UNet(2)
+    step = lambda x, y: dict(loss=losses.supervised_loss(model(x).float(), y))
+    run = kd.fit(model, d.images, d.masks, split, step, device=torch.device("cpu"), epochs=6, patience=2,
+                 batch_size=4, aug="strong")
+    assert run["best_epoch"] == 2 and run["stopped"] == "early stop" and run["best_val"]["loss"] == 0.3
+    assert "epoch   4/6" in capsys.readouterr().out  # epochs 3 and 4 without improvement: stop after 4
+    flat = [i for b in used for i in b]
+    assert len(used) == 4 * 2 and sorted(set(flat)) == split["train"]  # training never indexes a val or test image
+
+
+def test_no_gradient_reaches_train_students_teacher(tiny_teacher, tmp_path, monkeypatch):
+    built = []
+    real = kd.build_model
+    monkeypatch.setattr(kd, "build_model", lambda ck: built.append(real(ck)) or built[-1])
+    train_student.main(["--teacher", tiny_teacher[0], "--pathway", "hidden_regressor", "--width", "2", "--no-alone",
+                        "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")])
+    teacher = built[0]
+    assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    saved = tiny_teacher[1]["model"]
+    assert all(torch.equal(v.cpu(), saved[k]) for k, v in teacher.state_dict().items())  # running stats too
+
+
+def test_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    words = TINY + ["--width", "2", "--epochs", "4", "--aug", "strong"]
+    straight = train_teacher.main(words + ["--out", str(tmp_path / "a.pt")])
+    real = kd.save_checkpoint
+
+    def killed_after_epoch_2(path, ckpt):
+        real(path, ckpt)
+        if ckpt.get("kind") == "state" and ckpt["run"]["epoch"] == 2:
+            raise SystemExit("killed")  # as if the machine stopped right after the state was written
+
+    monkeypatch.setattr(kd, "save_checkpoint", killed_after_epoch_2)
+    out = str(tmp_path / "b.pt")
+    with pytest.raises(SystemExit):
+        train_teacher.main(words + ["--out", out])
+    monkeypatch.setattr(kd, "save_checkpoint", real)
+    assert not os.path.exists(out) and os.path.isfile(kd.state_path(out))
+    resumed = train_teacher.main(words + ["--out", out, "--resume"])
+    assert resumed["test"]["per_image_dice"] == straight["test"]["per_image_dice"]
+    assert resumed["val"]["loss"] == straight["val"]["loss"] and resumed["epoch"] == straight["epoch"]
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+    assert not os.path.exists(kd.state_path(out))  # a finished run leaves no state behind
+
+
+def test_resume_refuses_other_options_and_a_missing_state(tmp_path, monkeypatch):
+    out = str(tmp_path / "t.pt")
+    real = kd.save_checkpoint
+
+    def killed(path, ckpt):
+        real(path, ckpt)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(kd, "save_checkpoint", killed)
+    with pytest.raises(SystemExit):
+        train_teacher.main(TINY + ["--width", "2", "--out", out])
+    monkeypatch.setattr(kd, "save_checkpoint", real)
+    with pytest.raises(UserError, match=r"--resume: .*--lr 0.0001 \(now 0.001\)"):
+        train_teacher.main(TINY + ["--width", "2", "--out", out, "--resume", "--lr", "1e-3"])
+    with pytest.raises(UserError, match="no unfinished run"):
+        train_teacher.main(TINY + ["--width", "2", "--out", str(tmp_path / "other.pt"), "--resume"])
+
+
+def test_split_file_round_trip_and_refusal(tmp_path, capsys):
+    path = str(tmp_path / "split.json")
+    assert train_teacher.main(TINY + ["--save_split", path]) is None
+    saved = json.load(open(path))
+    d = data.make_phantom(24, 32, 0)
+    made = data.make_splits(d.labels, d.hashes, 2, 0, 0.15)
+    assert saved["folds"] == [{k: [d.names[i] for i in v] for k, v in s.items()} for s in made]
+    assert saved["data_fingerprint"] == d.fingerprint() and saved["seed"] == 0
+    assert kd.load_splits(path, d, 2) == made  # round trip: names back to the same indices
+    moved = json.loads(json.dumps(saved))  # a hand-edited split: another assignment is honoured
+    moved["folds"][0]["train"].append(moved["folds"][0]["test"].pop())
+    json.dump(moved, open(path, "w"))
+    ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--split", path, "--out", str(tmp_path / "t.pt")])
+    assert {k: sorted(v) for k, v in ckpt["split"].items()} == {k: sorted(v) for k, v in moved["folds"][0].items()}
+    with pytest.raises(UserError, match="holds 2 folds"):
+        kd.load_splits(path, d, 3)
+    with pytest.raises(UserError, match="does not match --data"):
+        kd.load_splits(path, data.make_phantom(20, 32, 0), 2)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="not a split file"):
+        kd.load_splits(str(tmp_path / "bad.json"), d, 2)
+
+
+def test_main_job_reports_the_gain_and_reuses_the_student_alone(tiny_teacher, tmp_path, capsys):
+    words = ["--teacher", tiny_teacher[0], "--width", "2", "--epochs", "1", "--batch_size", "4"]
+    s = train_student.main(words + ["--out", str(tmp_path / "kd.pt")])
+    out = capsys.readouterr().out
+    alone = kd.load_checkpoint(str(tmp_path / "student_alone.pt"), "student")
+    assert alone["args"]["pathway"] == "none" and alone["split"] == s["split"]
+    assert alone["model"].keys() == s["model"].keys()
+    table = out[out.index("parameters  test Dice"):]
+    for name, r in (("teacher", s["teacher_test"]), ("student alone", alone["test"]), ("distilled", s["test"])):
+        assert re.search(rf"^{name}.*{100 * r['dice']:.2f}$", table, re.M), (name, table)
+    gain = 100 * (s["test"]["dice"] - alone["test"]["dice"])
+    assert f"distillation: {gain:+.2f} Dice over the student alone" in table
+    before = kd.file_hash(str(tmp_path / "student_alone.pt"))
+    train_student.main(words + ["--pathway", "hidden", "--out", str(tmp_path / "kd2.pt")])  # another pathway
+    assert "reusing" in capsys.readouterr().out and kd.file_hash(str(tmp_path / "student_alone.pt")) == before
+    train_student.main(words + ["--lr", "1e-3", "--out", str(tmp_path / "kd3.pt")])  # another schedule: retrained
+    assert "training it again" in capsys.readouterr().out
+
+
+def test_class_teacher_trains_on_its_class_of_the_whole_split(tiny_teacher, tmp_path):
+    path, whole = tiny_teacher
+    ckpt = train_teacher.main(TINY + ["--width", "4", "--only_class", "malignant", "--out", str(tmp_path / "m.pt")])
+    assert ckpt["split"] == whole["split"]  # the split is the one made from every class
+    assert ckpt["test"]["names"] and all("malignant" in n for n in ckpt["test"]["names"])
+    assert set(ckpt["test"]["names"]) == {n for n in whole["split"]["test"] if "malignant" in n}
+    with pytest.raises(UserError, match="--only_class normal"):
+        train_teacher.main(TINY + ["--only_class", "normal", "--out", str(tmp_path / "n.pt")])
+    with pytest.raises(UserError, match="class teacher"):
+        train_student.main(["--teacher", str(tmp_path / "m.pt"), "--out", str(tmp_path / "s.pt")])
+
+
+def test_amp_auto_takes_bf16_only_where_native(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))  # V100, T4
+    assert kd.amp_dtype(cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100, H100
+    assert kd.amp_dtype(cuda) == torch.bfloat16
+    monkeypatch.setattr(kd, "cpu_has_native_bf16", lambda: False)
+    assert kd.amp_dtype(cpu) is None and kd.amp_dtype(cpu, "bf16") == torch.bfloat16 and kd.amp_dtype(cuda, "off") is None
+    monkeypatch.setattr(kd, "cpu_has_native_bf16", lambda: True)
+    assert kd.amp_dtype(cpu) == torch.bfloat16
+    assert kd.amp_dtype(torch.device("mps")) is None
+
+
+def test_cpu_bf16_check_reads_the_flags(monkeypatch, tmp_path):
+    import builtins
+    real_open = builtins.open
+    for flags, native in (("fpu avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(tmp_path / "cpuinfo" if p == "/proc/cpuinfo" else p, *a, **k))
+        assert kd.cpu_has_native_bf16() is native, flags
+
+
+def test_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "r.json")
+    kd.write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError):
+        kd.atomic_write(path, lambda f: (f.write(b"half"), (_ for _ in ()).throw(RuntimeError("disk full"))))
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["r.json"]
+    names = []
+    real = kd.tempfile.mkstemp
+    kd.tempfile.mkstemp = lambda **k: names.append(real(**k)) or names[-1]
+    try:
+        kd.write_json(path, {"a": 2})
+        kd.save_checkpoint(str(tmp_path / "c.pt"), {"b": 3})
+        kd.write_json(path, {"a": 3})
+    finally:
+        kd.tempfile.mkstemp = real
+    assert len({n for _, n in names}) == 3 and all(os.path.dirname(n) == str(tmp_path) for _, n in names)
+    assert json.load(open(path)) == {"a": 3} and sorted(os.listdir(tmp_path)) == ["c.pt", "r.json"]
 
 
 # ----------------------------------------------------------------------------- the real BUSI
@@ -750,23 +999,43 @@ def test_permutation_test_edges_and_monte_carlo():
     assert 0 < p <= 1 and p == study.paired_permutation_test(a, b, seed=3)  # fixed seed: repeatable
 
 
-def test_summary_pools_folds_and_pairs_images_by_name():
-    def rec(row, fold, dice):
+def test_t_quantile_and_paired_interval():
+    for df, t in ((1, 12.706), (2, 4.303), (8, 2.306), (30, 2.042)):  # a printed t table, 0.975 column
+        assert study.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    d = [1.0, 2.0, 3.0, 6.0]  # mean 3, sd sqrt(14/3), t(0.975, 3) = 3.182
+    mean, low, high = study.paired_interval(d)
+    half = 3.1824 * math.sqrt(14 / 3) / 2
+    assert mean == 3.0 and low == pytest.approx(3 - half, abs=1e-3) and high == pytest.approx(3 + half, abs=1e-3)
+    assert study.paired_interval([0.5]) == (0.5, None, None)
+    assert study.verdict((1, 0.1, 2)) == "above 0" and study.verdict((-1, -2, -0.1)) == "below 0"
+    assert study.verdict((0.5, -0.1, 1.1)) == "too close to call"
+
+
+def test_summary_pairs_runs_by_fold_and_seed():
+    def rec(row, fold, seed, dice):
         names = [f"f{fold}/img{i}" for i in range(len(dice))]
-        return dict(row=row, fold=fold, dice=float(np.mean(dice)), iou=0.5, per_image_dice=dice, names=names,
-                    parameters=10, train_seconds=2.0)
+        return dict(row=row, fold=fold, seed=seed, dice=float(np.mean(dice)), val_dice=0.5, iou=0.5,
+                    per_image_dice=dice, names=names, parameters=10, train_seconds=2.0, precision="fp32")
     rng = np.random.default_rng(0)
-    t = {f: list(rng.random(12)) for f in (0, 1)}
-    records = {("Teacher", f): rec("Teacher", f, t[f]) for f in (0, 1)}
-    records.update({("Student", f): rec("Student", f, [x - 0.2 for x in t[f]]) for f in (0, 1)})
-    summary, gap = study.summarise(records, ["Teacher", "Student"], [0, 1], n_perm=999, seed=0)
-    s = summary["Student"]
-    assert s["dice_mean"] == pytest.approx(np.mean(t[0] + t[1]) - 0.2)
-    assert s["dice_std"] == pytest.approx(np.std([np.mean(t[0]), np.mean(t[1])], ddof=1))
-    assert s["n_images"] == 24 and s["pairs_vs_teacher"] == 24 and s["train_seconds"] == 4.0
-    assert s["p_vs_teacher"] == 1 / 1000  # 24 pairs, every difference -0.2: nothing random reaches it
-    assert summary["Teacher"]["p_vs_teacher"] is None
-    assert gap == {0: pytest.approx(0.2), 1: pytest.approx(0.2)}
+    keys = [(f, s) for f in (0, 1) for s in (0, 1)]
+    base = {k: list(rng.random(12)) for k in keys}
+    shift = {(0, 0): 0.10, (0, 1): 0.20, (1, 0): 0.30, (1, 1): 0.40}  # the distilled row's gain per run
+    records = {}
+    for k in keys:
+        records[("Teacher",) + k] = rec("Teacher", *k, [x + 0.5 for x in base[k]])
+        records[("Student",) + k] = rec("Student", *k, base[k])
+        records[("L_KLD",) + k] = rec("L_KLD", *k, [x + shift[k] for x in base[k]])
+    summary = study.summarise(records, ["Teacher", "Student", "L_KLD"], n_perm=999, perm_seed=0)
+    s = summary["L_KLD"]
+    assert s["runs"] == 4 and s["folds"] == [0, 1] and s["seeds"] == [0, 1]
+    mean, low, high = s["gain"]
+    assert mean == pytest.approx(0.25)
+    half = study.t_quantile(0.975, 3) * np.std(list(shift.values()), ddof=1) / 2
+    assert low == pytest.approx(0.25 - half) and high == pytest.approx(0.25 + half)
+    assert s["teacher_lead"] == pytest.approx(0.5) and s["share_of_lead"] == pytest.approx(0.5)
+    assert s["pairs_vs_student"] == 48 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
+    assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
+    assert "| L_KLD | 4 |" in study.format_table(summary, study.kd.parse_args(study.OPTIONS, "", [])[0], [0, 1], [0, 1])
 
 
 # ----------------------------------------------------------------------------- the study, end to end
@@ -781,26 +1050,52 @@ def test_study_end_to_end_resumes_and_draws(tmp_path):
     rows = json.load(open(os.path.join(out, "results.json")))["rows"]
     ps = [s[k] for s in rows.values() for k in ("p_vs_teacher", "p_vs_student") if s[k] is not None]
     assert len(ps) == 2 * 15 - 2 and all(0 <= p <= 1 for p in ps)  # 24 pairs each: the Monte-Carlo test
-    run = json.load(open(os.path.join(out, "fold0", "L_KLD_WAug.json")))
+    run = json.load(open(os.path.join(out, "fold0", "seed0", "L_KLD_WAug.json")))
     assert run["argv"][run["argv"].index("--teacher") + 1].endswith("Teacher_WAug.pt")
-    assert len(run["per_image_dice"]) == len(run["names"]) == 12
+    assert len(run["per_image_dice"]) == len(run["names"]) == 12 and run["precision"] == "fp32"
+    teacher = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher_WAug.json")))
+    assert run["teacher_sha1"] == teacher["sha1"] == kd.file_hash(os.path.join(out, "fold0", "seed0", "Teacher_WAug.pt"))
 
     # resumed: nothing re-runs, no JSON is rewritten, the table is the same
-    jsons = glob.glob(os.path.join(out, "fold*", "*.json"))
+    jsons = glob.glob(os.path.join(out, "fold*", "seed*", "*.json"))
     mtimes = {p: os.path.getmtime(p) for p in jsons}
     again = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])
     assert again["ran"] == [] and again["table"] == res["table"]
     assert {p: os.path.getmtime(p) for p in jsons} == mtimes
-    # a run killed before its JSON was written runs again, and only it
-    os.remove(os.path.join(out, "fold0", "H_MSE.json"))
-    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == [("H_MSE", 0)]
-    # other options in the same folder: refused, not mixed in
+    # the records alone print the table: no checkpoint is needed when nothing must run
+    for p in glob.glob(os.path.join(out, "fold1", "seed0", "*.pt")):
+        os.remove(p)
+    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == []
+    # a run killed before its record was written runs again, and only it
+    os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
+    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == [("H_MSE", 0, 0)]
+    # a student whose teacher checkpoint is gone needs it again: the teacher is retrained, and every
+    # student made from the old one runs again (their records name the old checkpoint)
+    os.remove(os.path.join(out, "fold1", "seed0", "L_MSE_WAug.json"))
+    ran = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"]
+    assert ran == [("Teacher_WAug", 1, 0)] + [(r, 1, 0) for r in study.ROWS if study.ROWS[r].get("teacher") == "Teacher_WAug"]
+    # other options in the same folder: refused, not mixed in; nor another precision for a new run
     with pytest.raises(UserError, match="--epochs"):
         study.main(STUDY_TINY + ["--out", out, "--epochs", "2"])
+    os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
+    with pytest.raises(UserError, match="ran in fp32, this call would run H_MSE fold 0 seed 0 in bf16"):
+        study.main(STUDY_TINY + ["--out", out, "--amp", "bf16"])
 
     tile = max(32, study.TILE_MIN)  # 5 columns, 2 images, a title line
     size = (5 * (tile + study.PAD) + study.PAD, study.TITLE + 2 * (tile + study.PAD) + study.PAD)
     assert Image.open(os.path.join(out, "pictures.png")).size == size
+
+
+def test_study_seeds_are_paired_runs(tmp_path):
+    out = str(tmp_path / "s")
+    words = STUDY_TINY + ["--out", out, "--fold_list", "0", "--seeds", "0,1", "--rows", "Student,L_KLD", "--pictures", "0"]
+    res = study.main(words)
+    assert sorted(res["ran"]) == sorted((r, 0, s) for r in ("Teacher", "Student", "L_KLD") for s in (0, 1))
+    s0 = json.load(open(os.path.join(out, "fold0", "seed0", "L_KLD.json")))
+    s1 = json.load(open(os.path.join(out, "fold0", "seed1", "L_KLD.json")))
+    assert s0["argv"][s0["argv"].index("--seed") + 1] == "0" and s1["argv"][s1["argv"].index("--seed") + 1] == "1"
+    assert res["summary"]["L_KLD"]["runs"] == 2 and res["summary"]["L_KLD"]["gain"][1] is not None
+    assert "seeds 0,1" in res["table"]
 
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),

@@ -1,21 +1,29 @@
-"""Distil a tiny U-Net student from a trained teacher; print both test Dices and parameter counts.
+"""Distil a tiny U-Net student from a trained teacher; print what distillation gained.
 
-    python train_student.py --teacher out/teacher.pt                          # logits, KLD
-    python train_student.py --teacher out/teacher.pt --pathway hidden_regressor --loss mse
-    python train_student.py --teacher out/teacher.pt --pathway none           # the student alone
+    python train_student.py                                                   # logits, KLD, from out/teacher.pt
+    python train_student.py --pathway hidden_regressor --loss mse
+    python train_student.py --pathway none                                    # the student alone
     python train_student.py --teacher out/t_seed0.pt,out/t_seed1.pt           # an ensemble of teachers
+    python train_student.py --resume                                          # go on with a stopped run
 
 Pathways (Behboodi et al. 2025): logits = L (output maps), hidden = H (bottleneck attention maps),
 hidden_regressor = HR (bottleneck through a trained regressor); none = no teacher signal, the
 paper's "Student" row. The loss is alpha * L_distill + (1 - alpha) * L_sup (Eq. I).
 
+To show what distillation did, a distilled run also needs the student alone on the same split:
+it is trained first (out/student_alone.pt beside --out) or, when a finished one with the same
+options is there, reused; the run ends with a table of teacher, student alone and distilled
+student. --no-alone skips it.
+
 The student uses its teacher's data, image size and split, recomputed here and checked against
 the split stored in the teacher's checkpoint: a student tested on images its teacher trained on
 would be a leak, so a different split is refused. Several teachers (comma-separated) are distilled
 as one, the mean of their logits (models.Ensemble); each must have the same split.
+Files: as train_teacher.py, the run's state goes to OUT's .run.pt after every epoch (--resume goes
+on from it), and OUT itself is written only when the run ends.
 """
+import copy
 import os
-import time
 
 import torch
 
@@ -46,6 +54,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
     ("amp", "auto", "mixed precision: auto, bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
     ("compile", False, "torch.compile the training forward passes (faster on GPUs after a warm-up)"),
+    ("alone", True, "also train (or reuse) the student alone on the same split, for the gain table"),
+    ("resume", False, "go on with the unfinished run saved at OUT's .run.pt (same options, data and split)"),
     ("out", str, "where the checkpoint goes (default: out/student_PATHWAY_LOSS.pt, out/student_alone.pt)"),
     # The data and split are the teacher's. Give --data if its folder moved; the rest only to check.
     ("data", str, "the teacher's data folder, if it is elsewhere on this machine (default: the teacher's)"),
@@ -56,64 +66,70 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("val_fraction", float, "must match the teacher's"),
     ("data_seed", int, "must match the teacher's"),
     ("phantom_count", int, "must match the teacher's"),
+    ("split", str, "must match the teacher's"),
 ]
-SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed", "phantom_count"]
-PHANTOM_DEMO = dict(epochs=10, batch_size=8)  # a CPU minute or two, on the phantom
+SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed", "phantom_count", "split"]
+DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip"}  # meaningless for the student alone
+PHANTOM_DEMO = dict(epochs=15, batch_size=8)  # about a CPU minute per student, on the phantom
 
 
-def main(argv=None):
-    """Run with command-line words `argv` (default: sys.argv); returns the checkpoint's contents."""
-    args, given = kd.parse_args(OPTIONS, __doc__, argv)
+# ----------------------------------------------------------------------------- 1. teachers and their split
+
+def load_teachers(args, given):
+    """Load the teacher checkpoints, take their data and split options, and check that the split
+    made here is theirs. Returns (teacher checkpoints, data, split)."""
     paths = [p for p in args.teacher.split(",") if p]
-    tcks = [kd.load_checkpoint(p, "teacher") for p in paths]
-    if len(tcks) > 1 and args.pathway in ("hidden", "hidden_regressor"):
+    ckpts = [kd.load_checkpoint(p, "teacher") for p in paths]
+    if len(ckpts) > 1 and args.pathway in ("hidden", "hidden_regressor"):
         raise UserError(f"--pathway {args.pathway}: an ensemble of teachers has no common bottleneck "
                         "(their channels do not correspond); distil its logits: --pathway logits")
-    targs = tcks[0]["args"]
+    for path, t in zip(paths, ckpts):
+        if t["args"].get("only_class"):
+            raise UserError(f"--teacher {path}: trained on {t['args']['only_class']} images only (a class teacher); "
+                            f"give a teacher of every class")
+    first = ckpts[0]["args"]
     for k in SPLIT_OPTIONS:  # the teacher's split, or a clear refusal
-        if getattr(args, k) is not None and getattr(args, k) != targs[k]:
-            raise UserError(f"--{k} {getattr(args, k)}: teacher {paths[0]} was trained with --{k} {targs[k]}; "
+        if getattr(args, k) is not None and getattr(args, k) != first.get(k):
+            raise UserError(f"--{k} {getattr(args, k)}: teacher {paths[0]} was trained with --{k} {first.get(k)}; "
                             f"a student must use its teacher's split (train a teacher with --{k} {getattr(args, k)})")
-        setattr(args, k, targs[k])
-    args.data = args.data or targs["data"]
+        setattr(args, k, first.get(k))
+    args.data = args.data or first["data"]
     kd.choose_data(args, given, PHANTOM_DEMO)
-    args.out = args.out or os.path.join("out", "student_alone.pt" if args.pathway == "none"
-                                        else f"student_{args.pathway}_{args.loss}.pt")
-    if not args.out.endswith(".pt"):
-        raise UserError(f"--out {args.out}: give a file name ending in .pt")
-    if os.path.abspath(args.out) in map(os.path.abspath, paths):
-        raise UserError(f"--out {args.out}: that is a teacher's file; choose another name")
-    device = kd.pick_device(args.device)
-    dtype = kd.amp_dtype(device, args.amp)
-    kd.seed_everything(args.seed)
-    data, split = kd.load_split_data(args)
-    named_split = {k: [data.names[i] for i in v] for k, v in split.items()}
-    for path, t in zip(paths, tcks):
-        if named_split != t["split"]:
+    data, splits = kd.load_split_data(args)
+    split = splits[args.fold]
+    named = {k: [data.names[i] for i in v] for k, v in split.items()}
+    for path, t in zip(paths, ckpts):
+        if named != t["split"]:
             raise UserError(f"--teacher {path}: its stored split differs from the one made here from "
                             f"--data {args.data}; use the data and split the teacher was trained on")
         if data.fingerprint() != t["data_fingerprint"]:
-            raise UserError(f"--data {args.data}: the images differ from those teacher {path} was trained on "
-                            f"(same names, other pixels); use the teacher's data")
-    images, masks = data.images.to(device), data.masks.to(device)
+            raise UserError(f"--data {args.data}: the images or masks differ from those teacher {path} was "
+                            f"trained on (same names); use the teacher's data")
+    return ckpts, data, split
 
-    teachers = [kd.build_model(t) for t in tcks]
-    teacher = teachers[0] if len(teachers) == 1 else Ensemble(teachers).eval()
-    teacher = kd.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
+
+def run_tag(args, data, split, teacher_paths):
+    """What identifies a student's run (kd.run_tag): its options and split, and which exact teacher
+    files it learns from. The student alone depends on neither the teachers nor the distillation options."""
+    alone = args.pathway == "none"
+    tag = kd.run_tag(args, data, split, teachers=[] if alone else [kd.file_hash(p) for p in teacher_paths])
+    tag["options"] = {k: v for k, v in tag["options"].items() if k != "alone" and not (alone and k in DISTIL_OPTIONS)}
+    return tag
+
+
+# ----------------------------------------------------------------------------- 2. one training run
+
+def train(args, teacher, data, split, device, dtype, tag):
+    """Train one student (distilled, or alone with --pathway none) and return its checkpoint."""
+    images, masks = data.images.to(device), data.masks.to(device)
     student = kd.to_device(UNet(args.width), device)
-    params = list(student.parameters())
-    regressor = None
-    if args.pathway == "hidden_regressor":  # trains with the student; not counted in it, not saved
-        regressor = kd.to_device(Regressor(student.feature_channels["bottleneck"],
-                                           teacher.feature_channels["bottleneck"]), device)
-        params += list(regressor.parameters())
-    n_teacher, n_student = count_parameters(teacher), count_parameters(student)
-    widths = "+".join(str(t["model_config"]["width"]) for t in tcks)
-    print(f"teacher: {kd.fmt_params(n_teacher)} parameters (width {widths}); "
-          f"student: {kd.fmt_params(n_student)} parameters (width {args.width}); "
+    extras = []  # modules that learn with the student and are thrown away after: not saved with it
+    if args.pathway == "hidden_regressor":
+        extras.append(kd.to_device(Regressor(student.feature_channels["bottleneck"],
+                                             teacher.feature_channels["bottleneck"]), device))
+    print(f"student: {kd.fmt_params(count_parameters(student))} parameters (width {args.width}); "
           f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
           + f"; device {device}, precision {kd.precision_name(dtype)}")
-
     student_fwd, teacher_fwd = kd.maybe_compile(student, args.compile), kd.maybe_compile(teacher, args.compile)
 
     def step(x, y):
@@ -127,37 +143,98 @@ def main(argv=None):
                 m_logits, m_feats = teacher_fwd(x.flip(-1), return_features=True)
                 t_logits = (t_logits + m_logits.flip(-1)) / 2
                 t_feats = {k: (v + m_feats[k].flip(-1)) / 2 for k, v in t_feats.items()}
+        regressor = extras[0] if extras else None
         l_kd = distillation_loss(args.pathway, args.loss, s_logits, s_feats, t_logits, t_feats, regressor, args.T)
         return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
 
-    meta = dict(parameters=n_student, teacher=args.teacher, teacher_parameters=n_teacher)
-
-    def save(epoch, val):
-        meta.update(epoch=epoch, val=val)
-        ckpt = kd.make_checkpoint("student", student, args, data, split, **meta)
-        kd.save_checkpoint(args.out, ckpt)
-        return ckpt
-
-    t0 = time.time()
-    best_epoch, best_state, stopped = kd.fit(student, images, masks, split, step, args, device, dtype, save, params)
-    train_time = time.time() - t0
-    student.load_state_dict(best_state)
-    names = [data.names[i] for i in split["test"]]
-    results = {}
-    for who, model in (("teacher", teacher), ("student", student)):
-        results[who] = kd.evaluate(model, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
-        results[who]["names"] = names
-    results["student"]["train_seconds"] = train_time
-    meta.update(test=results["student"], teacher_test=results["teacher"], stopped=stopped)
-    ckpt = save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
-    print(f"test ({len(names)} images, fold {args.fold}):")
-    for who, n in (("teacher", n_teacher), ("student", n_student)):
-        r = results[who]
-        print(f"  {who:8s} {kd.fmt_params(n):>7s} parameters  Dice {100 * r['dice']:5.2f} +- {100 * r['dice_std']:5.2f}"
-              f"  IoU {100 * r['iou']:5.2f}")
-    print(f"  the student has {n_teacher / n_student:.1f}x fewer parameters; best epoch {best_epoch}; "
-          f"trained {kd.fmt_time(train_time)}; saved {args.out}")
+    run = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
+                 epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, aug=args.aug,
+                 seed=args.seed, dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
+                 resume=kd.resume_state(args, tag), tag=tag)
+    student.load_state_dict(run["best_state"])
+    test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
+    test.update(names=[data.names[i] for i in split["test"]], train_seconds=run["train_seconds"])
+    ckpt = kd.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
+                              teacher=args.teacher, teacher_parameters=count_parameters(teacher),
+                              epoch=run["best_epoch"], val=run["best_val"], test=test, stopped=run["stopped"],
+                              precision=kd.precision_name(dtype), tag=tag)
+    kd.finish(args, ckpt, run["stopped"])
+    print(f"student test ({len(split['test'])} images, fold {args.fold}): Dice {100 * test['dice']:.2f} "
+          f"+- {100 * test['dice_std']:.2f}; best epoch {run['best_epoch']}; "
+          f"trained {kd.fmt_time(run['train_seconds'])}; saved {args.out}")
     return ckpt
+
+
+def student_alone(args, teacher, data, split, device, dtype, teacher_paths):
+    """The student alone on the same split: a finished checkpoint with the same options is reused."""
+    alone = copy.copy(args)
+    alone.pathway, alone.resume = "none", False
+    alone.out = os.path.join(os.path.dirname(args.out), "student_alone.pt")
+    tag = run_tag(alone, data, split, teacher_paths)
+    if os.path.isfile(alone.out):
+        ckpt = kd.load_checkpoint(alone.out, "student", "student alone")
+        if ckpt.get("tag") == tag:
+            print(f"student alone: reusing {alone.out} (same split and options)")
+            return ckpt
+        print(f"student alone: {alone.out} was trained with other options or another split; training it again")
+    print("\n--- the student alone, for comparison")
+    kd.seed_everything(args.seed)  # the same initial weights as the distilled student
+    return train(alone, teacher, data, split, device, dtype, tag)
+
+
+# ----------------------------------------------------------------------------- 3. the report
+
+def report(teacher_test, n_teacher, students):
+    """The table that shows what distillation did: teacher, student alone, distilled student."""
+    dice = lambda r: 100 * r["dice"]
+    print(f"\n{'':26s} {'parameters':>10s}  {'test Dice':>9s}")
+    rows = [("teacher", n_teacher, teacher_test)] + [(name, c["parameters"], c["test"]) for name, c in students]
+    for name, n, r in rows:
+        print(f"{name:26s} {kd.fmt_params(n):>10s}  {dice(r):9.2f}")
+    if len(students) == 2:
+        (_, alone), (_, distilled) = students
+        gain, lead = dice(distilled["test"]) - dice(alone["test"]), dice(teacher_test) - dice(alone["test"])
+        share = (f"{100 * gain / lead:.0f}% of the teacher's lead ({lead:+.2f})" if lead > 0 else
+                 f"the teacher does not lead the student alone here ({lead:+.2f}): it has nothing to pass on")
+        print(f"distillation: {gain:+.2f} Dice over the student alone, {share}")
+    print(f"the student has {n_teacher / students[-1][1]['parameters']:.1f}x fewer parameters than the teacher")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    """Run with command-line words `argv` (default: sys.argv); returns the student's checkpoint, with
+    the test metrics of its teacher (or ensemble) added as teacher_test."""
+    args, given = kd.parse_args(OPTIONS, __doc__, argv)
+    teacher_ckpts, data, split = load_teachers(args, given)
+    paths = [p for p in args.teacher.split(",") if p]
+    args.out = args.out or os.path.join("out", "student_alone.pt" if args.pathway == "none"
+                                        else f"student_{args.pathway}_{args.loss}.pt")
+    if not args.out.endswith(".pt"):
+        raise UserError(f"--out {args.out}: give a file name ending in .pt")
+    if os.path.abspath(args.out) in map(os.path.abspath, paths):
+        raise UserError(f"--out {args.out}: that is a teacher's file; choose another name")
+    device = kd.pick_device(args.device)
+    dtype = kd.amp_dtype(device, args.amp)
+    members = [kd.build_model(t) for t in teacher_ckpts]
+    teacher = members[0] if len(members) == 1 else Ensemble(members).eval()
+    teacher = kd.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
+    widths = "+".join(str(t["model_config"]["width"]) for t in teacher_ckpts)
+    print(f"teacher: {kd.fmt_params(count_parameters(teacher))} parameters (width {widths})")
+
+    students = []
+    if args.alone and args.pathway != "none":
+        students.append(("student alone", student_alone(args, teacher, data, split, device, dtype, paths)))
+        print(f"\n--- the student distilled ({args.pathway}, {args.loss})")
+    kd.seed_everything(args.seed)
+    ckpt = train(args, teacher, data, split, device, dtype, run_tag(args, data, split, paths))
+    name = "student alone" if args.pathway == "none" else f"distilled ({args.pathway}, {args.loss})"
+    students.append((name, ckpt))
+
+    teacher_test = kd.evaluate(teacher, data.images.to(device), data.masks.to(device), split["test"], device,
+                               dtype, args.batch_size, args.dice_weight)
+    report(teacher_test, count_parameters(teacher), students)
+    return dict(ckpt, teacher_test=teacher_test)
 
 
 if __name__ == "__main__":

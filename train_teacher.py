@@ -1,20 +1,24 @@
 """Train the U-Net teacher on BUSI (or the built-in phantom), save it, print test Dice/IoU.
 
     python train_teacher.py                      # BUSI at data/Dataset_BUSI_with_GT, else the phantom
-    python train_teacher.py --data ~/BUSI/Dataset_BUSI_with_GT --fold 1
+    python train_teacher.py --data ~/BUSI/Dataset_BUSI_with_GT --fold 1 --out out/teacher_fold1.pt
     python train_teacher.py --epochs 500 --patience 50 --batch_size 64   # the paper's schedule
+    python train_teacher.py --resume             # go on with a run that was stopped or killed
+    python train_teacher.py --only_class benign  # a class teacher (T2KD): the benign images of the split
 
 The checkpoint holds the split, so train_student.py distils on exactly the same images.
+Files: while it trains, the run's state is saved after every epoch to OUT with .run.pt for .pt
+(out/teacher.run.pt); --resume goes on from there. The checkpoint OUT itself is written only when
+the run ends (finished, early-stopped, or Ctrl-C), so an older checkpoint at OUT is kept until then.
 """
-import time
-
 from data import UserError
 import kd
 from losses import supervised_loss
 from models import UNet, count_parameters
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place
-    ("data", kd.DEFAULT_DATA, "BUSI folder (Dataset_BUSI_with_GT), a folder with images/ and masks/, or 'phantom'"),
+    ("data", kd.DEFAULT_DATA, "BUSI folder (Dataset_BUSI_with_GT), a folder with images/ and masks/ "
+     "(or original/ and GT/), or 'phantom'"),
     ("classes", "benign,malignant", "BUSI classes to use, comma-separated; add normal for all 780 images"),
     ("size", 224, "images are resized to size x size (the paper: 224)"),
     ("folds", 3, "k of the k-fold split (the paper: 3-fold cross-validation)"),
@@ -22,6 +26,10 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("val_fraction", 0.15, "share of the training part held out for early stopping"),
     ("data_seed", 0, "seed of the split (and of the phantom)"),
     ("phantom_count", 240, "number of phantom images"),
+    ("split", str, "a split file written by --save_split: use its folds instead of making them from --data_seed"),
+    ("save_split", str, "write every fold's split (image names, seed, data fingerprint) to this JSON file, and exit"),
+    ("only_class", str, "train (and test) on this class's images only: a class teacher for T2KD; the split is "
+     "still made from all --classes, so a student's test part is the same"),
     ("width", 64, "U-Net width w, levels w..16w: 64 = 31.0M params, 112 = 95.0M (the paper's teacher scale)"),
     ("aug", "strong", "teacher's augmentation: the paper's _WAug rows distil from a 'weak' teacher",
      ["none", "weak", "strong"]),
@@ -34,13 +42,15 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
     ("amp", "auto", "mixed precision: auto, bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
     ("compile", False, "torch.compile the training forward pass (faster on GPUs after a warm-up)"),
-    ("out", "out/teacher.pt", "where the checkpoint goes"),
+    ("resume", False, "go on with the unfinished run saved at OUT's .run.pt (same options, data and split)"),
+    ("out", "out/teacher.pt", "where the checkpoint goes (written when the run ends)"),
 ]
-PHANTOM_DEMO = dict(size=128, epochs=8, batch_size=8)  # a CPU minute or two, when no BUSI is present
+PHANTOM_DEMO = dict(size=96, width=32, epochs=12, batch_size=8)  # about a CPU minute, when no BUSI is present
 
 
 def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns the checkpoint's contents."""
+    # 1. Options, data and split
     args, given = kd.parse_args(OPTIONS, __doc__, argv)
     kd.choose_data(args, given, PHANTOM_DEMO)
     if not args.out.endswith(".pt"):
@@ -48,39 +58,44 @@ def main(argv=None):
     device = kd.pick_device(args.device)
     dtype = kd.amp_dtype(device, args.amp)
     kd.seed_everything(args.seed)
-    data, split = kd.load_split_data(args)
+    data, splits = kd.load_split_data(args)
+    if args.save_split:
+        kd.save_splits(args.save_split, data, splits, args.data_seed)
+        print(f"wrote {args.save_split}: {len(splits)} folds of {len(data)} images; train with --split {args.save_split}")
+        return None
+    split = splits[args.fold]  # the checkpoint keeps the whole split: the student checks it
+    own = kd.only_class(split, data, args.only_class)  # what this teacher trains and is tested on
     images, masks = data.images.to(device), data.masks.to(device)
 
+    # 2. The model
     model = kd.to_device(UNet(args.width), device)
     n_params = count_parameters(model)
     print(f"teacher: U-Net width {args.width}, {kd.fmt_params(n_params)} parameters; "
           f"device {device}, precision {kd.precision_name(dtype)}")
-
     forward = kd.maybe_compile(model, args.compile)
 
     def step(x, y):
         return dict(loss=supervised_loss(forward(x).float(), y, args.dice_weight))
 
-    meta = dict(parameters=n_params)  # what the checkpoint holds beside the weights
+    # 3. Train, going on from a saved state with --resume
+    tag = kd.run_tag(args, data, split)
+    run = kd.fit(model, images, masks, own, step, device=device, dtype=dtype, epochs=args.epochs,
+                 patience=args.patience, batch_size=args.batch_size, lr=args.lr, aug=args.aug, seed=args.seed,
+                 dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
+                 resume=kd.resume_state(args, tag), tag=tag)
 
-    def save(epoch, val):
-        meta.update(epoch=epoch, val=val)
-        ckpt = kd.make_checkpoint("teacher", model, args, data, split, **meta)
-        kd.save_checkpoint(args.out, ckpt)
-        return ckpt
-
-    t0 = time.time()
-    best_epoch, best_state, stopped = kd.fit(model, images, masks, split, step, args, device, dtype, save)
-    train_time = time.time() - t0
-    model.load_state_dict(best_state)
-    test = kd.evaluate(model, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
-    test.update(names=[data.names[i] for i in split["test"]], train_seconds=train_time)
-    meta.update(test=test, stopped=stopped)
-    ckpt = save(best_epoch, meta["val"])  # the best weights again, now with their test metrics
-    print(f"teacher test ({len(split['test'])} images, fold {args.fold}): "
+    # 4. Test the best weights, save, report
+    model.load_state_dict(run["best_state"])
+    test = kd.evaluate(model, images, masks, own["test"], device, dtype, args.batch_size, args.dice_weight)
+    test.update(names=[data.names[i] for i in own["test"]], train_seconds=run["train_seconds"])
+    ckpt = kd.make_checkpoint("teacher", model, args, data, split, parameters=n_params, epoch=run["best_epoch"],
+                              val=run["best_val"], test=test, stopped=run["stopped"],
+                              precision=kd.precision_name(dtype))
+    kd.finish(args, ckpt, run["stopped"])
+    print(f"teacher test ({len(own['test'])} {args.only_class + ' ' if args.only_class else ''}images, fold {args.fold}): "
           f"Dice {100 * test['dice']:.2f} +- {100 * test['dice_std']:.2f}, IoU {100 * test['iou']:.2f}; "
-          f"{kd.fmt_params(n_params)} parameters; best epoch {best_epoch}; trained {kd.fmt_time(train_time)}; "
-          f"saved {args.out}")
+          f"{kd.fmt_params(n_params)} parameters; best epoch {run['best_epoch']}; "
+          f"trained {kd.fmt_time(run['train_seconds'])}; saved {args.out}")
     return ckpt
 
 
