@@ -37,8 +37,11 @@ class Dataset:
         return len(self.names)
 
     def fingerprint(self):
-        """One hash of every name and pixel hash: two datasets with equal fingerprints are equal."""
-        return hashlib.sha1("".join(n + h for n, h in zip(self.names, self.hashes)).encode()).hexdigest()
+        """One hash of every name, image and mask (as loaded, at this size): two datasets with equal
+        fingerprints are equal, and re-annotated masks change it."""
+        h = hashlib.sha1("".join(n + p for n, p in zip(self.names, self.hashes)).encode())
+        h.update(self.masks.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading files

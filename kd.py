@@ -146,7 +146,8 @@ def load_splits(path, data, folds):
             raise UserError(f"--split {path}: does not match --data ({what}); use the data the split was made for")
         splits.append({part: sorted(index[n] for n in fold.get(part, [])) for part in ("train", "val", "test")})
     if saved.get("data_fingerprint") != data.fingerprint():
-        print(f"note: --split {path} was made on images with other pixels (same names): another copy of the data?")
+        print(f"note: --split {path} was made on images or masks with other pixels (same names), or at another "
+              f"--size: another copy of the data?")
     return splits
 
 

@@ -26,6 +26,13 @@ class DoubleConv(nn.Sequential):
         )
 
 
+class Down(nn.Sequential):
+    """2x2 max-pool, then a DoubleConv: half the resolution, usually twice the channels."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__(nn.MaxPool2d(2), DoubleConv(c_in, c_out))
+
+
 class Up(nn.Module):
     """2x transposed-conv up-sampling, concatenate the encoder's skip, then a DoubleConv."""
 
@@ -48,27 +55,27 @@ class UNet(nn.Module):
     def __init__(self, width=64, in_channels=1, num_classes=2):
         super().__init__()
         self.config = dict(width=width, in_channels=in_channels, num_classes=num_classes)  # rebuilds it
-        w = [width * 2 ** i for i in range(5)]
-        self.inc = DoubleConv(in_channels, w[0])
-        self.downs = nn.ModuleList(DoubleConv(w[i], w[i + 1]) for i in range(4))
-        self.ups = nn.ModuleList(Up(w[i + 1], w[i]) for i in reversed(range(4)))
-        self.head = nn.Conv2d(w[0], num_classes, 1)
-        self.feature_channels = {f"enc{i + 1}": w[i] for i in range(4)}
-        self.feature_channels["bottleneck"] = w[4]
-        self.feature_channels.update({f"dec{i + 1}": w[i] for i in range(4)})
+        w1, w2, w3, w4, w5 = (width * 2 ** i for i in range(5))
+        self.inc = DoubleConv(in_channels, w1)
+        self.down1, self.down2, self.down3, self.down4 = Down(w1, w2), Down(w2, w3), Down(w3, w4), Down(w4, w5)
+        self.up4, self.up3, self.up2, self.up1 = Up(w5, w4), Up(w4, w3), Up(w3, w2), Up(w2, w1)
+        self.head = nn.Conv2d(w1, num_classes, 1)
+        self.feature_channels = dict(enc1=w1, enc2=w2, enc3=w3, enc4=w4, bottleneck=w5, dec4=w4, dec3=w3, dec2=w2, dec1=w1)
 
     def forward(self, x, return_features=False):
         """x: (N, in_channels, H, W) -> logits (N, num_classes, H, W) [, dict of feature maps]."""
-        feats = {"enc1": self.inc(x)}
-        h = feats["enc1"]
-        for i, down in enumerate(self.downs):
-            h = down(F.max_pool2d(h, 2))
-            feats[f"enc{i + 2}" if i < 3 else "bottleneck"] = h
-        for i, up in zip(reversed(range(4)), self.ups):
-            h = up(h, feats[f"enc{i + 1}"])
-            feats[f"dec{i + 1}"] = h
-        logits = self.head(h)
-        return (logits, feats) if return_features else logits
+        f = {}
+        f["enc1"] = self.inc(x)                            # full resolution, w channels
+        f["enc2"] = self.down1(f["enc1"])                  # 1/2, 2w
+        f["enc3"] = self.down2(f["enc2"])                  # 1/4, 4w
+        f["enc4"] = self.down3(f["enc3"])                  # 1/8, 8w
+        f["bottleneck"] = self.down4(f["enc4"])            # 1/16, 16w: the paper's "hidden" level
+        f["dec4"] = self.up4(f["bottleneck"], f["enc4"])   # back up, each level joined by its skip
+        f["dec3"] = self.up3(f["dec4"], f["enc3"])
+        f["dec2"] = self.up2(f["dec3"], f["enc2"])
+        f["dec1"] = self.up1(f["dec2"], f["enc1"])         # full resolution, w
+        logits = self.head(f["dec1"])                      # 1x1 conv: a score per class per pixel
+        return (logits, f) if return_features else logits
 
 
 class Regressor(nn.Sequential):

@@ -280,6 +280,16 @@ def test_bad_data_gives_one_line_errors(tmp_path, case):
     assert not os.path.exists(tmp_path / "out")  # nothing written
 
 
+def test_fingerprint_sees_images_and_masks():
+    a, b = data.make_phantom(6, 32, 0), data.make_phantom(6, 32, 0)
+    assert a.fingerprint() == b.fingerprint()
+    b.masks[2, 0, 5, 5] ^= 1  # one mask pixel re-annotated
+    assert a.fingerprint() != b.fingerprint()
+    c = data.make_phantom(6, 32, 0)
+    c.hashes[0] = "0" * 40  # other image pixels
+    assert a.fingerprint() != c.fingerprint()
+
+
 def test_phantom_is_deterministic_binary_and_labelled():
     a, b = data.make_phantom(6, 48, seed=3), data.make_phantom(6, 48, seed=3)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
