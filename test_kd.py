@@ -782,6 +782,16 @@ def test_busi_duplicates_never_straddle_a_split():
             assert any(set(g) <= set(s[p]) for p in ("train", "val", "test"))
 
 
+@needs_busi
+def test_committed_busi_split_is_the_one_made_here():
+    """results/busi_split_seed0.json is what --data_seed 0 makes from BUSI: anyone can test on our parts."""
+    d = data.load_busi(BUSI_DIR, size=32)
+    made = data.make_splits(d.labels, d.hashes, 3, 0, 0.15)
+    path = os.path.join(HERE, "results", "busi_split_seed0.json")
+    assert kd.load_splits(path, d, 3) == made
+    assert json.load(open(path))["images"] == 647
+
+
 # ----------------------------------------------------------------------------- bench.py and predict.py
 
 RESULT = re.compile(r"^RESULT model=(\w+) device=(\w+) metric=(\w+) value=(\S+)$")
