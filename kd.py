@@ -182,6 +182,20 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def machine_name(device):
+    """The processor a run ran on, for the records that come with timings: GPU name, or CPU model
+    and whether it computes bf16 natively."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores" + (", native bf16" if device.type == "cpu" and cpu_has_native_bf16() else "")
+
+
 def amp_dtype(device, amp="auto"):
     """The autocast dtype, or None for plain fp32. auto: bf16 where the hardware computes it natively,
     on GPUs of compute capability 8.0 or more (Ampere, Hopper) and on CPUs with AVX512-BF16 or AMX

@@ -83,7 +83,7 @@ PAPER = {  # Table 4 of Behboodi et al. 2025, Dice %, mean (+- std) over 3 folds
     "H_KLD_WAug": "78.50", "HReg_MSE": "78.06", "HReg_MSE_WAug": "77.63", "HReg_KLD": "79.00",
     "HReg_KLD_WAug": "79.31",
 }
-HOW_NOT_WHAT = {"device", "amp", "compile", "out", "teacher"}  # options that may change on resuming
+HOW_NOT_WHAT = {"device", "amp", "compile", "out", "teacher", "data"}  # where and how, not what: may change on resuming
 
 
 def run_argv(row, fold, seed, args):
@@ -168,8 +168,9 @@ def run(row, fold, seed, args, label, precision, teacher_rec=None):
                iou_std=t["iou_std"], val_dice=v["dice"], val_loss=v["loss"], per_image_dice=t["per_image_dice"],
                per_image_iou=t["per_image_iou"], names=t["names"], parameters=ckpt["parameters"],
                train_seconds=t["train_seconds"], epoch=ckpt["epoch"], stopped=ckpt["stopped"],
-               precision=ckpt["precision"], sha1=kd.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv,
-               checkpoint=ckpt_path, versions=ckpt["versions"])
+               precision=ckpt["precision"], machine=ckpt["machine"], data_fingerprint=ckpt["data_fingerprint"],
+               sha1=kd.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv, checkpoint=ckpt_path,
+               versions=ckpt["versions"])
     if teacher_rec is not None:
         rec["teacher_sha1"] = teacher_rec["sha1"]
     kd.write_json(json_path, rec)
@@ -466,6 +467,10 @@ def main(argv=None):
               f"run the same command again to go on", flush=True)
         raise SystemExit(130) from None
 
+    fingerprints = {r["data_fingerprint"] for r in records.values()}
+    if len(fingerprints) > 1:
+        raise UserError(f"{args.out}: its records were made from {len(fingerprints)} different data sets (or sizes); "
+                        f"keep one study folder per data set")
     summary = summarise(records, rows, args.n_perm, args.perm_seed)
     table = format_table(summary, args, folds, seeds)
     with open(os.path.join(args.out, "table.md"), "w") as fh:

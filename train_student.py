@@ -157,7 +157,7 @@ def train(args, teacher, data, split, device, dtype, tag):
     ckpt = kd.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
                               teacher=args.teacher, teacher_parameters=count_parameters(teacher),
                               epoch=run["best_epoch"], val=run["best_val"], test=test, stopped=run["stopped"],
-                              precision=kd.precision_name(dtype), tag=tag)
+                              precision=kd.precision_name(dtype), machine=kd.machine_name(device), tag=tag)
     kd.finish(args, ckpt, run["stopped"])
     print(f"student test ({len(split['test'])} images, fold {args.fold}): Dice {100 * test['dice']:.2f} "
           f"+- {100 * test['dice_std']:.2f}; best epoch {run['best_epoch']}; "

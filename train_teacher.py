@@ -90,7 +90,7 @@ def main(argv=None):
     test.update(names=[data.names[i] for i in own["test"]], train_seconds=run["train_seconds"])
     ckpt = kd.make_checkpoint("teacher", model, args, data, split, parameters=n_params, epoch=run["best_epoch"],
                               val=run["best_val"], test=test, stopped=run["stopped"],
-                              precision=kd.precision_name(dtype))
+                              precision=kd.precision_name(dtype), machine=kd.machine_name(device))
     kd.finish(args, ckpt, run["stopped"])
     print(f"teacher test ({len(own['test'])} {args.only_class + ' ' if args.only_class else ''}images, fold {args.fold}): "
           f"Dice {100 * test['dice']:.2f} +- {100 * test['dice_std']:.2f}, IoU {100 * test['iou']:.2f}; "
