@@ -238,8 +238,6 @@ def make_splits(labels, hashes, folds=3, seed=0, val_fraction=0.15):
     and a `val_fraction` of each class's remaining groups is its validation part (for early
     stopping); the rest is training. Returns a list of dicts of sorted index lists.
     """
-    if folds < 2:
-        raise UserError(f"--folds {folds}: need at least 2 folds")
     groups = {}  # hash -> indices, in order of first appearance
     for i, h in enumerate(hashes):
         groups.setdefault(h, []).append(i)

@@ -63,12 +63,20 @@ def choose_data(args, given, demo):
     return args
 
 
-def check_options(args):
-    """Refuse numbers that would only fail later, with a traceback, as one-line errors now."""
-    at_least = dict(size=16, width=1, epochs=1, patience=1, batch_size=1, folds=2, phantom_count=4)
-    for k, lo in at_least.items():
+AT_LEAST = dict(size=16, width=1, teacher_width=1, student_width=1, epochs=1, patience=1, batch_size=1, folds=2,
+                phantom_count=4)  # the smallest value of each option that can work
+
+
+def check_at_least(args):
+    """--folds 1, --epochs 0 and the like: one-line errors now, not a traceback later."""
+    for k, lo in AT_LEAST.items():
         if getattr(args, k, lo) < lo:
             raise UserError(f"--{k} {getattr(args, k)}: must be at least {lo}")
+
+
+def check_options(args):
+    """Refuse numbers that would only fail later, with a traceback, as one-line errors now."""
+    check_at_least(args)
     for k, ok, rule in (("lr", lambda v: v > 0, "above 0"), ("T", lambda v: v > 0, "above 0"),
                         ("alpha", lambda v: 0 <= v <= 1, "in [0, 1]"), ("dice_weight", lambda v: v >= 0, "0 or more"),
                         ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)")):

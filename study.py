@@ -421,8 +421,7 @@ def main(argv=None):
     (row, fold, seed) runs this call trained (none when everything was done already)."""
     args, given = kd.parse_args(OPTIONS, __doc__, argv)
     kd.choose_data(args, given, PHANTOM_DEMO)
-    if args.folds < 2:
-        raise UserError(f"--folds {args.folds}: need at least 2 folds")
+    kd.check_at_least(args)
     folds = sorted({int(f) for f in _choose(args.fold_list, [str(f) for f in range(args.folds)], "fold_list")})
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})

@@ -170,6 +170,181 @@ def test_no_gradient_reaches_the_teacher_and_the_regressor_learns():
     assert all(not torch.equal(a, b) for a, b in zip(before, reg.parameters()))
 
 
+# ----------------------------------------------------------------------------- T2KD and DCKD losses
+
+def brute_ce(logits, n, i, j, c):
+    """Cross-entropy of one pixel's logits against class c, from plain Python numbers."""
+    v = [logits[n, k, i, j].item() for k in range(logits.shape[1])]
+    return math.log(sum(math.exp(x) for x in v)) - v[c]
+
+
+def test_weight_balance_loss_matches_a_per_pixel_loop():
+    torch.manual_seed(10)
+    logits = torch.randn(3, 2, 12, 12)
+    target = torch.zeros(3, 1, 12, 12, dtype=torch.long)
+    target[0, 0, 2:5, 3:7] = 1   # 12 of 144 pixels
+    target[1, 0, 7, 7] = 1       # 1 of 144: f = 0.007 clamps to 0.01, so the normalisation matters
+    target[2, 0, :, 2:] = 1      # 120 of 144
+    want = []
+    for n in range(3):
+        f = min(max(target[n].sum().item() / 144, 0.01), 0.99)
+        w = [[0.5 / f if target[n, 0, i, j] else 0.5 / (1 - f) for j in range(12)] for i in range(12)]
+        mean_w = sum(map(sum, w)) / 144
+        want.append(sum(w[i][j] / mean_w * brute_ce(logits, n, i, j, target[n, 0, i, j].item())
+                        for i in range(12) for j in range(12)) / 144)
+    assert losses.weight_balance_loss(logits, target).item() == pytest.approx(np.mean(want), rel=1e-5)
+    assert losses.supervised_loss(logits, target, kind="wb").item() == pytest.approx(np.mean(want), rel=1e-5)
+    assert losses.cross_entropy(logits, target).item() != pytest.approx(np.mean(want), rel=1e-3)
+
+
+def test_weight_balance_small_and_large_lesions_weigh_the_same():
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    target[0, 0, 0, 0] = 1  # a small lesion: 1 pixel of 16
+    target[1, 0, :3] = 1    # a large one: 12 of 16
+    w = losses.balance_weights(target)
+    assert w.mean(dim=(1, 2)).tolist() == pytest.approx([1, 1])
+    for n in range(2):
+        lesion = target[n, 0].bool()
+        assert w[n][lesion].sum().item() == pytest.approx(8) and w[n][~lesion].sum().item() == pytest.approx(8)
+    # CE a on every lesion pixel and b on every background pixel: (a + b) / 2 per image, whatever the size
+    logits = torch.stack([torch.zeros(2, 4, 4), torch.where(target[:, 0] == 1, 1.0, -3.0)], dim=1)
+    a, b = math.log(1 + math.exp(-1)), math.log(1 + math.exp(-3))
+    per_image = [losses.weight_balance_loss(logits[n:n + 1], target[n:n + 1]).item() for n in range(2)]
+    assert per_image == pytest.approx([(a + b) / 2] * 2, rel=1e-5)
+    assert losses.cross_entropy(logits[:1], target[:1]).item() == pytest.approx((a + 15 * b) / 16, rel=1e-5)
+
+
+def test_weight_balance_is_plain_ce_at_half_and_supervised_loss_selects_it():
+    torch.manual_seed(14)
+    logits = torch.randn(2, 2, 4, 4)
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 1
+    target[1, 0, :, ::2] = 1  # both images f = 0.5
+    ce = losses.cross_entropy(logits, target).item()
+    assert losses.weight_balance_loss(logits, target).item() == pytest.approx(ce, rel=1e-6)
+    assert losses.supervised_loss(logits, target).item() == ce  # default unchanged: the paper's CE
+    target[1, 0, 0, 1] = 1  # f != 0.5: they part
+    wb = losses.weight_balance_loss(logits, target)
+    assert wb.item() != pytest.approx(losses.cross_entropy(logits, target).item(), rel=1e-4)
+    dice = losses.soft_dice_loss(logits, target)
+    assert losses.supervised_loss(logits, target, 0.5, kind="wb").item() == pytest.approx((wb + 0.5 * dice).item())
+    with pytest.raises(ValueError):
+        losses.supervised_loss(logits, target, kind="focal")
+
+
+def test_decouple_mask_by_area_share():
+    mask = torch.tensor([[[[1, 1, 1, 0],
+                           [0, 0, 0, 0],
+                           [1, 1, 0, 0],
+                           [1, 0, 0, 0]]]])
+    # 2x2 windows: top-left 2/4 = 0.5 (tumour), top-right 1/4, bottom-left 3/4 (tumour), bottom-right 0
+    assert losses.decouple_mask(mask, (2, 2)).tolist() == [[[True, False], [True, False]]]
+    assert losses.decouple_mask(mask, (1, 1)).tolist() == [[[False]]]  # 6/16 < 0.5
+    assert losses.decouple_mask(mask, (4, 4)).tolist() == mask[:, 0].bool().tolist()
+
+
+def unit(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def test_dckd_losses_match_a_loop_over_positions():
+    torch.manual_seed(11)
+    s, t = torch.randn(2, 3, 2, 3), torch.randn(2, 3, 2, 3)  # 3 channels: a channel/pixel mix-up shows
+    mask = torch.zeros(2, 1, 4, 6, dtype=torch.long)
+    mask[0, 0, :2, :4] = 1                      # image 0: tumour at feature positions (0, 0) and (0, 1)
+    mask[1, 0, 2:, 4:], mask[1, 0, 0, 0] = 1, 1  # image 1: (1, 2); the lone pixel is 1/4 of (0, 0)
+    tumour = {(0, 0, 0), (0, 0, 1), (1, 1, 2)}
+    tau, hard, delta = 0.3, 2, 0.2
+    l_con, l_rank = losses.dckd_loss(s, t, mask, torch.Generator().manual_seed(0), anchors=100, negatives=100,
+                                     tau=tau, hard=hard, delta=delta)  # counts above the sizes: every position
+    pos = [(n, y, x) for n in range(2) for y in range(2) for x in range(3)]
+    S = {p: unit(s[p[0], :, p[1], p[2]].tolist()) for p in pos}
+    T = {p: unit(t[p[0], :, p[1], p[2]].tolist()) for p in pos}
+    con, rank = [], []
+    for p in pos:
+        negs = [T[q] for q in pos if (q in tumour) != (p in tumour)]
+        e_pos = math.exp(dot(S[p], T[p]) / tau)
+        con.append(-math.log(e_pos / (e_pos + sum(math.exp(dot(S[p], q) / tau) for q in negs))))
+        nearest = sorted(1 - dot(S[p], q) for q in negs)[:hard]
+        rank.append(sum(max(0.0, (1 - dot(S[p], T[p])) - d + delta) for d in nearest) / hard)
+    assert l_con.item() == pytest.approx(np.mean(con), rel=1e-5)
+    assert l_rank.item() == pytest.approx(np.mean(rank), rel=1e-5) and l_rank.item() > 0
+
+
+def test_ranking_loss_uses_the_closest_negatives():
+    s = t_pos = torch.tensor([[1.0, 0.0]])  # d(s, t_pos) = 0
+    cosines = [0.9, 0.5, -1.0, 0.95]        # distances 0.1, 0.5, 2, 0.05
+    t_neg = torch.tensor([[c, math.sqrt(1 - c * c)] for c in cosines])
+    # the 2 closest (0.05, 0.1): (0.15 + 0.1) / 2; the 2 farthest would give 0
+    assert losses.ranking_loss(s, t_pos, t_neg, hard=2, delta=0.2).item() == pytest.approx(0.125, rel=1e-5)
+    assert losses.ranking_loss(s, t_pos, t_neg, hard=4, delta=0.2).item() == pytest.approx(0.0625, rel=1e-5)
+    assert losses.ranking_loss(s, t_pos, t_neg, hard=9, delta=0.2).item() == pytest.approx(0.0625, rel=1e-5)
+
+
+def test_contrastive_loss_temperature_follows_the_formula():
+    s = torch.tensor([[1.0, 0.0]])
+    t_pos, t_neg = torch.tensor([[0.8, 0.6]]), torch.tensor([[0.6, -0.8], [-1.0, 0.0]])  # cosines 0.8; 0.6, -1
+    for tau in (0.1, 0.5, 2.0):
+        want = -math.log(math.exp(0.8 / tau) / (math.exp(0.8 / tau) + math.exp(0.6 / tau) + math.exp(-1 / tau)))
+        assert losses.contrastive_loss(s, t_pos, t_neg, tau).item() == pytest.approx(want, rel=1e-5)
+    assert losses.contrastive_loss(s, t_pos, t_neg, 0.1).item() < losses.contrastive_loss(s, t_pos, t_neg, 0.5).item()
+
+
+def test_dckd_is_none_without_both_classes_at_feature_scale():
+    s, t = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(1, 1, 4, 4)
+    assert losses.dckd_loss(s, t, mask, g) is None       # no tumour
+    mask[0, 0, 0, 0] = 1
+    assert losses.dckd_loss(s, t, mask, g) is None       # a tumour, but 1/4 of a position: none at this scale
+    assert losses.dckd_loss(s, t, torch.ones(1, 1, 4, 4), g) is None  # no non-tumour
+    mask[0, 0, 0, 1] = 1
+    assert losses.dckd_loss(s, t, mask, g) is not None   # 2/4 of a position: a tumour position
+
+
+def test_dckd_sampling_follows_the_generator_alone():
+    torch.manual_seed(12)
+    s, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 1
+    state = torch.get_rng_state()
+    run = lambda seed: torch.stack(losses.dckd_loss(s, t, mask, torch.Generator().manual_seed(seed), anchors=3, negatives=5))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    region = losses.decouple_mask(mask, (8, 8))
+    idx = losses.sample_anchors(region, 7, torch.Generator().manual_seed(0))
+    assert idx.shape == (7, 3) and len(set(map(tuple, idx.tolist()))) == 7
+    assert region[idx[:, 0], idx[:, 1], idx[:, 2]].all()
+    few = torch.zeros(1, 3, 3, dtype=torch.bool)
+    few[0, 1, 1] = few[0, 2, 0] = True
+    assert sorted(map(tuple, losses.sample_anchors(few, 7, torch.Generator()).tolist())) == [(0, 1, 1), (0, 2, 0)]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_dckd_gradients_reach_the_student_and_projector_not_the_teacher():
+    from models import Projector
+    torch.manual_seed(13)
+    proj = Projector(3, 5)
+    assert [type(m) for m in proj] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
+    s_raw = torch.randn(2, 3, 4, 4, requires_grad=True)
+    t = torch.randn(2, 5, 4, 4, requires_grad=True)  # as if the teacher's graph had been kept
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, :8, :8] = 1
+    s = proj(s_raw)
+    assert s.shape == (2, 5, 4, 4)
+    l_con, l_rank = losses.dckd_loss(s, t, mask, torch.Generator().manual_seed(0))
+    (l_con + l_rank).backward()
+    assert t.grad is None
+    assert s_raw.grad is not None and s_raw.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def test_dice_iou_on_hand_made_masks():
@@ -1119,7 +1294,8 @@ def test_study_seeds_are_paired_runs(tmp_path):
 
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
-                                            (["--folds", "1"], "at least 2")])
+                                            (["--folds", "1"], "--folds 1: must be at least 2"),
+                                            (["--epochs", "0"], "--epochs 0: must be at least 1")])
 def test_bad_options_are_one_line_errors(tmp_path, words, message):
     with pytest.raises(UserError, match=message):
         study.main(STUDY_TINY + ["--out", str(tmp_path)] + words)
