@@ -317,7 +317,8 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
     state_dict at the lowest validation loss), best_val (its validation metrics), stopped ("early
     stop", "last epoch" or "interrupted"), train_seconds.
 
-    step(x, y) -> dict of scalar losses, "loss" being the one to minimise. After each epoch the
+    step(x, y, idx) -> dict of scalar losses, "loss" being the one to minimise; idx are the batch's
+    indices into the data (routing an image to the teacher of its class needs them). After each epoch the
     validation loss (supervised, so teacher and student are judged alike) decides the best epoch.
     If `state_path` is given, the run's whole state (weights, optimiser, the data stream's generator,
     counters, the best weights so far, and `tag`, what identifies the run) is written there after
@@ -349,7 +350,7 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
             for idx in batches(train_idx, batch_size, generator):
                 x, y = batch(images, masks, idx, aug, generator)
                 with autocast(device, dtype):
-                    parts = step(x, y)
+                    parts = step(x, y, idx)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(parts["loss"]).backward()
                 scaler.step(opt)

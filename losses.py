@@ -9,6 +9,7 @@ Where the paper is silent (temperature, the axis of the distributions, how the h
 compares maps of different widths) the choice is ours, written here and in PAPERS.md.
 All tensors are NCHW; no function flattens N, C, H, W together, so channels never mix with pixels.
 """
+import torch
 import torch.nn.functional as F
 
 
@@ -27,9 +28,36 @@ def soft_dice_loss(logits, target, eps=1.0):
     return (1 - (2 * inter + eps) / (p.sum(dim=(1, 2)) + t.sum(dim=(1, 2)) + eps)).mean()
 
 
-def supervised_loss(logits, target, dice_weight=0.0):
-    """L_sup: cross-entropy (the paper), plus dice_weight * soft Dice if asked for."""
-    loss = cross_entropy(logits, target)
+def balance_weights(target, clamp=(0.01, 0.99)):
+    """Per-pixel weights of the weight balance loss, (N, 1, H, W) -> (N, H, W). Per image, lesion
+    pixels weigh 0.5 / f and background pixels 0.5 / (1 - f), f the image's lesion fraction clamped
+    to [clamp[0], clamp[1]]; then divided by their mean so they average 1 over the image. The lesion
+    then holds half the image's total weight whatever its size (while f lies inside the clamp)."""
+    t = target[:, 0].float()
+    f = t.mean(dim=(1, 2), keepdim=True).clamp(*clamp)
+    w = t * (0.5 / f) + (1 - t) * (0.5 / (1 - f))
+    return w / w.mean(dim=(1, 2), keepdim=True)
+
+
+def weight_balance_loss(logits, target, clamp=(0.01, 0.99)):
+    """T2KD-style weight balance loss (Guo et al. 2025 stress small lesions and the lesion /
+    background imbalance, but their formula is unpublished: this one is our design, PAPERS.md
+    section 4). Per-pixel cross-entropy weighted by balance_weights, averaged over each image's
+    pixels, then over images. With f = 0.5 it is plain cross-entropy.
+    logits (N, 2, H, W); target (N, 1, H, W) in {0, 1}."""
+    ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")  # (N, H, W)
+    return (balance_weights(target, clamp) * ce).mean(dim=(1, 2)).mean()
+
+
+def supervised_loss(logits, target, dice_weight=0.0, kind="ce"):
+    """L_sup: cross-entropy (kind="ce", the paper) or the weight balance loss (kind="wb", T2KD-style),
+    plus dice_weight * soft Dice if asked for."""
+    if kind == "ce":
+        loss = cross_entropy(logits, target)
+    elif kind == "wb":
+        loss = weight_balance_loss(logits, target)
+    else:
+        raise ValueError(f"unknown supervised loss {kind!r}")
     return loss + dice_weight * soft_dice_loss(logits, target) if dice_weight else loss
 
 
@@ -96,3 +124,75 @@ def distillation_loss(pathway, loss, s_logits, s_feats, t_logits, t_feats, regre
 def total_loss(l_distill, l_sup, alpha=0.5):
     """Eq. I: alpha * L_distill + (1 - alpha) * L_sup (the paper: alpha = 0.5)."""
     return alpha * l_distill + (1 - alpha) * l_sup
+
+
+# ----------------------------------------------------------------------------- DCKD-style contrastive distillation
+# In the spirit of Pan et al. 2023 (DCKD, 3D ABUS; formulas unpublished): our 2D design, PAPERS.md
+# section 4. Borrowed ideas: CIRKD (Yang et al. 2022, github winycg/CIRKD, losses/cirkd_memory.py and
+# cirkd_mini_batch.py) for the student projector, the per-position L2 normalisation and the teacher
+# features as contrast keys; IFVD (Wang et al. 2020) and EMKD's region affinity (Qin et al. 2021) for
+# using the mask, downsampled to the feature size, to split positions into tumour and non-tumour.
+
+def decouple_mask(mask, size):
+    """Tumour positions at feature size: mask (N, 1, H, W) in {0, 1} -> bool (N, h, w), True where
+    the tumour covers at least half of the position's area (area-average pooling)."""
+    m = mask.float()
+    if m.device.type == "mps" and (m.shape[-2] % size[0] or m.shape[-1] % size[1]):
+        m = m.cpu()  # MPS pools only whole windows
+    return (F.adaptive_avg_pool2d(m, tuple(size))[:, 0] >= 0.5).to(mask.device)
+
+
+def sample_anchors(region, count, generator):
+    """Up to `count` distinct positions where `region` (N, h, w) is True, drawn uniformly with
+    `generator` (a CPU torch.Generator: the global RNG is never touched), as (M, 3) long indices
+    (n, y, x) on region's device; all of them, in random order, if fewer exist."""
+    idx = region.nonzero()
+    perm = torch.randperm(idx.shape[0], generator=generator)[:count]
+    return idx[perm.to(idx.device)]
+
+
+def gather_positions(feat, idx):
+    """Feature vectors at positions idx (M, 3) = (n, y, x): (N, C, h, w) -> (M, C)."""
+    return feat[idx[:, 0], :, idx[:, 1], idx[:, 2]]
+
+
+def contrastive_loss(s, t_pos, t_neg, tau=0.1):
+    """InfoNCE per anchor, (M,): -log( exp(s.t/tau) / (exp(s.t/tau) + sum_k exp(s.t_k/tau)) ).
+    s, t_pos (M, C): student anchors and the teacher at the same positions; t_neg (K, C): teacher
+    features of the other class, shared by the M anchors. All rows unit length."""
+    pos = (s * t_pos).sum(dim=1, keepdim=True) / tau          # (M, 1)
+    neg = s @ t_neg.t() / tau                                  # (M, K)
+    return torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - pos[:, 0]
+
+
+def ranking_loss(s, t_pos, t_neg, hard=8, delta=0.2):
+    """Hard-negative ranking per anchor, (M,): with cosine distance d = 1 - cos, the `hard` negatives
+    closest to the anchor must lie farther than the positive by a margin delta:
+    mean over them of max(0, d(s, t_pos) - d(s, t_k) + delta). Shapes and units as contrastive_loss."""
+    d_pos = 1 - (s * t_pos).sum(dim=1, keepdim=True)          # (M, 1)
+    d_neg = 1 - s @ t_neg.t()                                  # (M, K)
+    nearest = d_neg.topk(min(hard, d_neg.shape[1]), dim=1, largest=False).values
+    return F.relu(d_pos - nearest + delta).mean(dim=1)
+
+
+def dckd_loss(s_feat, t_feat, mask, generator, anchors=128, negatives=256, tau=0.1, hard=8, delta=0.2):
+    """DCKD-style decoupled contrastive distillation: (L_con, L_rank), or None when the batch holds
+    no tumour or no non-tumour position at the feature scale (the caller skips the term and counts).
+    s_feat: the student's features already projected to the teacher's width, (N, C, h, w); t_feat:
+    the teacher's, same shape (detached here: no gradient reaches the teacher); mask (N, 1, H, W).
+    Per class (tumour, non-tumour), up to `anchors` student positions are drawn, each against the
+    teacher at the same position (positive) and up to `negatives` teacher positions of the other
+    class drawn from the whole batch; both losses average over the anchors of both classes."""
+    assert s_feat.shape == t_feat.shape, (s_feat.shape, t_feat.shape)
+    tumour = decouple_mask(mask, s_feat.shape[-2:])
+    if not tumour.any() or tumour.all():
+        return None
+    s = F.normalize(s_feat.float(), dim=1)  # unit length along C at each position
+    t = F.normalize(t_feat.detach().float(), dim=1)
+    con, rank = [], []
+    for region in (tumour, ~tumour):
+        a, k = sample_anchors(region, anchors, generator), sample_anchors(~region, negatives, generator)
+        s_a, t_a, t_n = gather_positions(s, a), gather_positions(t, a), gather_positions(t, k)
+        con.append(contrastive_loss(s_a, t_a, t_n, tau))
+        rank.append(ranking_loss(s_a, t_a, t_n, hard, delta))
+    return torch.cat(con).mean(), torch.cat(rank).mean()

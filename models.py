@@ -92,6 +92,18 @@ class Regressor(nn.Sequential):
                          nn.Conv2d(c_t, c_t, 1), nn.ReLU())
 
 
+class Projector(nn.Sequential):
+    """DCKD-style pathway: maps the student's features (c_s channels) to the teacher's (c_t) before
+    the contrastive loss. As CIRKD's projection head (Yang et al. 2022, github winycg/CIRKD): 1x1 conv,
+    BatchNorm, ReLU, 1x1 conv, no final ReLU (its output is L2-normalised, so it may be negative).
+    It trains with the student and is thrown away afterwards: not counted in, nor saved with, the student.
+    """
+
+    def __init__(self, c_s, c_t):
+        super().__init__(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_t, c_t, 1, bias=False))
+
+
 class Ensemble(nn.Module):
     """Several trained U-Nets used as one teacher: the mean of their logits. Distilling an ensemble
     into one small network is the classic use of knowledge distillation (Hinton et al. 2015, Sec. 1).
@@ -106,6 +118,39 @@ class Ensemble(nn.Module):
     def forward(self, x, return_features=False):
         logits = torch.stack([m(x) for m in self.members]).mean(0)
         return (logits, {}) if return_features else logits
+
+
+class ClassTeachers(nn.Module):
+    """T2KD's two class teachers used as one (Guo et al. 2025): U-Nets of one width, each trained on
+    the images of one class only (train_teacher.py --only_class). route="label": every image goes to
+    the teacher of its class, known while training (the student never needs it); route="mean": both
+    teachers see every image and their outputs are averaged, an ablation. `classes` names each member's
+    class; forward(x, index): index (N,) long, each image's index into `members`."""
+
+    def __init__(self, members, classes, route="label"):
+        super().__init__()
+        self.members, self.classes, self.route = nn.ModuleList(members), list(classes), route
+        self.feature_channels = members[0].feature_channels
+
+    def forward(self, x, index, return_features=False):
+        if self.route == "mean":
+            outs = [m(x, return_features=True) for m in self.members]
+            logits = torch.stack([o[0] for o in outs]).mean(0)
+            feats = {k: torch.stack([o[1][k] for o in outs]).mean(0) for k in outs[0][1]}
+        else:  # each teacher runs on its own images only: one teacher forward per image, as for one teacher
+            logits, feats = None, {}
+            for c, member in enumerate(self.members):
+                mine = (index == c).nonzero()[:, 0]
+                if len(mine) == 0:
+                    continue
+                out, out_feats = member(x[mine], return_features=True)
+                if logits is None:
+                    logits = out.new_empty((len(x),) + out.shape[1:])
+                    feats = {k: v.new_empty((len(x),) + v.shape[1:]) for k, v in out_feats.items()}
+                logits[mine] = out
+                for k, v in out_feats.items():
+                    feats[k][mine] = v
+        return (logits, feats) if return_features else logits
 
 
 def count_parameters(model):

@@ -70,20 +70,34 @@ PHANTOM_DEMO = dict(size=64, phantom_count=120, epochs=20, batch_size=8, teacher
 
 PATHWAYS = {"L": "logits", "H": "hidden", "HReg": "hidden_regressor"}  # the paper's names -> ours
 ROWS = {"Teacher": dict(aug="strong"), "Teacher_WAug": dict(aug="weak"),
+        "Teacher_benign": dict(aug="strong", only_class="benign"),        # T2KD's class teachers
+        "Teacher_malignant": dict(aug="strong", only_class="malignant"),
         "Student": dict(teacher="Teacher", pathway="none")}
 for _p, _pathway in PATHWAYS.items():
     for _loss in ("MSE", "KLD"):
         for _waug in ("", "_WAug"):  # the paper's order: L_MSE, L_MSE_WAug, L_KLD, ...
             ROWS[f"{_p}_{_loss}{_waug}"] = dict(teacher="Teacher" + _waug, pathway=_pathway, loss=_loss.lower())
-EXTRA_ROWS = {"Teacher_WAug"}  # not in the paper's table: the teacher the _WAug rows distil from
+CLASS_TEACHERS = {"benign": "Teacher_benign", "malignant": "Teacher_malignant"}
+ROWS.update({  # the two other methods, our readings of their papers (train_student.py's docstring)
+    "T2KD": dict(teachers=CLASS_TEACHERS, pathway="joint", loss="kld", sup="wb"),
+    "T2KD_noWB": dict(teachers=CLASS_TEACHERS, pathway="joint", loss="kld", sup="ce"),
+    "DCKD": dict(teacher="Teacher", pathway="dckd"),
+})
+EXTRA_ROWS = {"Teacher_WAug", "Teacher_benign", "Teacher_malignant", "T2KD", "T2KD_noWB", "DCKD"}  # not in Table 4
 DISTILLED = [r for r in ROWS if "pathway" in ROWS[r] and ROWS[r]["pathway"] != "none"]
 PAPER = {  # Table 4 of Behboodi et al. 2025, Dice %, mean (+- std) over 3 folds of UDIAT
     "Teacher": "81.50 ± 18.40", "Student": "73.16 ± 23.78", "L_MSE": "77.75", "L_MSE_WAug": "77.52",
     "L_KLD": "78.00", "L_KLD_WAug": "80.00 ± 18.86", "H_MSE": "77.50", "H_MSE_WAug": "77.85", "H_KLD": "79.00",
     "H_KLD_WAug": "78.50", "HReg_MSE": "78.06", "HReg_MSE_WAug": "77.63", "HReg_KLD": "79.00",
-    "HReg_KLD_WAug": "79.31",
+    "HReg_KLD_WAug": "79.31", "T2KD": "83.59 (BUSI, 2.2M, own split)", "DCKD": "+7 over its student (3D ABUS)",
 }
-HOW_NOT_WHAT = {"device", "amp", "compile", "out", "teacher", "data"}  # where and how, not what: may change on resuming
+HOW_NOT_WHAT = {"device", "amp", "compile", "out", "teacher", "class_teachers", "data"}  # where and how, not what: may change on resuming
+
+
+def teachers_of(row):
+    """The teacher rows a student row learns from (none for a teacher)."""
+    spec = ROWS[row]
+    return list(spec["teachers"].values()) if "teachers" in spec else [spec["teacher"]] if "teacher" in spec else []
 
 
 def run_argv(row, fold, seed, args):
@@ -96,11 +110,15 @@ def run_argv(row, fold, seed, args):
         argv = ["--data", args.data, "--classes", args.classes, "--size", args.size, "--folds", args.folds,
                 "--fold", fold, "--val_fraction", args.val_fraction, "--data_seed", args.data_seed,
                 "--phantom_count", args.phantom_count, "--width", args.teacher_width, "--aug", spec["aug"]] + common
+        argv += ["--only_class", spec["only_class"]] if "only_class" in spec else []
     else:  # a student: data and split come from its teacher's checkpoint
-        argv = ["--teacher", os.path.join(folder, spec["teacher"] + ".pt"), "--data", args.data,
-                "--pathway", spec["pathway"]] + (["--loss", spec["loss"]] if "loss" in spec else []) + [
-                "--alpha", args.alpha, "--T", args.T, "--width", args.student_width, "--aug", "strong",
-                "--no-alone"] + common
+        ckpt = lambda name: os.path.join(folder, name + ".pt")
+        argv = (["--class_teachers", ",".join(f"{c}={ckpt(t)}" for c, t in spec["teachers"].items())]
+                if "teachers" in spec else ["--teacher", ckpt(spec["teacher"])])
+        argv += ["--data", args.data, "--pathway", spec["pathway"]] + (["--loss", spec["loss"]] if "loss" in spec else [])
+        argv += ["--sup", spec["sup"]] if "sup" in spec else []
+        argv += ["--alpha", args.alpha, "--T", args.T, "--width", args.student_width, "--aug", "strong",
+                 "--no-alone"] + common
     argv += ["--out", os.path.join(folder, row + ".pt")] + (["--compile"] if args.compile else [])
     return [str(w) for w in argv]
 
@@ -121,9 +139,14 @@ def _what(argv):
     return {k: v for k, v in pairs.items() if k not in HOW_NOT_WHAT}
 
 
-def stored(row, fold, seed, args, teacher_rec=None):
+def teacher_sha1(row, teacher_recs):
+    """Which exact teacher checkpoints a student row learns from: their sha1s, joined by '+'."""
+    return "+".join(teacher_recs[t]["sha1"] for t in teachers_of(row))
+
+
+def stored(row, fold, seed, args, teacher_recs=None, say=True):
     """The finished record of one run, or None when it must run: no record yet, or (a student) its
-    record was made from another teacher checkpoint than the one `teacher_rec` describes."""
+    record was made from other teacher checkpoints than those `teacher_recs` describe."""
     path = os.path.join(run_folder(args, fold, seed), row + ".json")
     if not os.path.isfile(path):
         return None
@@ -134,13 +157,14 @@ def stored(row, fold, seed, args, teacher_rec=None):
         diff = ", ".join(f"--{k} {old.get(k)} (now {new.get(k)})" for k in sorted(old.keys() | new.keys())
                          if old.get(k) != new.get(k))
         raise UserError(f"{path}: made with other options: {diff}; give another --out, or delete the file to run it again")
-    if teacher_rec is not None and rec.get("teacher_sha1") != teacher_rec["sha1"]:
-        print(f"{path}: made from another {ROWS[row]['teacher']} checkpoint: running it again")
+    if teacher_recs is not None and rec.get("teacher_sha1") != teacher_sha1(row, teacher_recs):
+        if say:
+            print(f"{path}: made from another {' or '.join(teachers_of(row))} checkpoint: running it again")
         return None
     return rec
 
 
-def run(row, fold, seed, args, label, precision, teacher_rec=None):
+def run(row, fold, seed, args, label, precision, teacher_recs=None):
     """Train one run (going on with its unfinished state if there is one) and write its record."""
     folder = run_folder(args, fold, seed)
     ckpt_path, json_path = os.path.join(folder, row + ".pt"), os.path.join(folder, row + ".json")
@@ -171,8 +195,8 @@ def run(row, fold, seed, args, label, precision, teacher_rec=None):
                precision=ckpt["precision"], machine=ckpt["machine"], data_fingerprint=ckpt["data_fingerprint"],
                sha1=kd.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv, checkpoint=ckpt_path,
                versions=ckpt["versions"])
-    if teacher_rec is not None:
-        rec["teacher_sha1"] = teacher_rec["sha1"]
+    if teacher_recs is not None:
+        rec["teacher_sha1"] = teacher_sha1(row, teacher_recs)
     kd.write_json(json_path, rec)
     return rec
 
@@ -262,7 +286,7 @@ def summarise(records, rows, n_perm, perm_seed):
                  train_seconds=float(sum(r["train_seconds"] for r in recs)),
                  precision=sorted({r["precision"] for r in recs}), paper=PAPER.get(row))
         s["gain"] = gain(row) if row != "Student" else (None, None, None)
-        teacher = ROWS[row].get("teacher")
+        teacher = ROWS[row].get("teacher", "Teacher")  # class teachers: the lead of the teacher of every class
         if row in DISTILLED and runs(teacher):
             lead = gain(teacher)[0]
             s["teacher_lead"] = lead
@@ -430,7 +454,7 @@ def main(argv=None):
     if not seeds:
         raise UserError(f"--seeds {args.seeds}: give whole numbers, comma-separated, e.g. 0,1,2")
     chosen = set(_choose(args.rows, list(ROWS), "rows")) | {"Teacher", "Student"}
-    chosen |= {ROWS[r]["teacher"] for r in chosen if "teacher" in ROWS[r]}  # a _WAug row needs its teacher
+    chosen |= {t for r in list(chosen) for t in teachers_of(r)}  # a _WAug row needs its teacher, T2KD its two
     rows = [r for r in ROWS if r in chosen]  # the paper's order, teachers first
     if args.pictures < 0 or args.n_perm < 1:
         raise UserError("--pictures must be >= 0 and --n_perm >= 1")
@@ -446,21 +470,22 @@ def main(argv=None):
     try:
         for f in folds:
             for s in seeds:
-                for teacher in [r for r in rows if "aug" in ROWS[r]]:
-                    t_rec = stored(teacher, f, s, args)
-                    students = [r for r in rows if ROWS[r].get("teacher") == teacher]
-                    pending = [r for r in students if t_rec is None or stored(r, f, s, args, t_rec) is None]
-                    t_ckpt = os.path.join(run_folder(args, f, s), teacher + ".pt")
-                    if t_rec is None or (pending and not os.path.isfile(t_ckpt)):  # students need its checkpoint
-                        t_rec = run(teacher, f, s, args, label(), precision)
-                        ran.append((teacher, f, s))
-                    records[teacher, f, s] = t_rec
-                    for r in students:
-                        rec = stored(r, f, s, args, t_rec)
-                        if rec is None:
-                            rec = run(r, f, s, args, label(), precision, t_rec)
-                            ran.append((r, f, s))
-                        records[r, f, s] = rec
+                teachers = [r for r in rows if "aug" in ROWS[r]]
+                t_recs = {t: stored(t, f, s, args) for t in teachers}
+                pending = [r for r in rows if r not in teachers and (any(t_recs[t] is None for t in teachers_of(r))
+                                                                   or stored(r, f, s, args, t_recs, say=False) is None)]
+                for t in teachers:  # again only when missing, or when a pending student needs its checkpoint
+                    needed = any(t in teachers_of(r) for r in pending)
+                    if t_recs[t] is None or (needed and not os.path.isfile(os.path.join(run_folder(args, f, s), t + ".pt"))):
+                        t_recs[t] = run(t, f, s, args, label(), precision)
+                        ran.append((t, f, s))
+                    records[t, f, s] = t_recs[t]
+                for r in [r for r in rows if r not in teachers]:
+                    rec = stored(r, f, s, args, t_recs)
+                    if rec is None:
+                        rec = run(r, f, s, args, label(), precision, t_recs)
+                        ran.append((r, f, s))
+                    records[r, f, s] = rec
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(ran)} runs finished and saved in {args.out}; "
               f"run the same command again to go on", flush=True)

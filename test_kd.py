@@ -22,6 +22,7 @@ import study
 import train_student
 import train_teacher
 from data import UserError
+import models
 from models import Ensemble, Regressor, UNet, count_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -763,7 +764,7 @@ def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(monkeypatch, c
     monkeypatch.setattr(kd, "batch", lambda im, m, idx, aug="none", generator=None:
                         (used.append(idx.tolist()) if generator is not None else None) or real_batch(im, m, idx, aug, generator))
     model = UNet(2)
-    step = lambda x, y: dict(loss=losses.supervised_loss(model(x).float(), y))
+    step = lambda x, y, idx: dict(loss=losses.supervised_loss(model(x).float(), y))
     run = kd.fit(model, d.images, d.masks, split, step, device=torch.device("cpu"), epochs=6, patience=2,
                  batch_size=4, aug="strong")
     assert run["best_epoch"] == 2 and run["stopped"] == "early stop" and run["best_val"]["loss"] == 0.3
@@ -918,6 +919,77 @@ def test_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         kd.tempfile.mkstemp = real
     assert len({n for _, n in names}) == 3 and all(os.path.dirname(n) == str(tmp_path) for _, n in names)
     assert json.load(open(path)) == {"a": 3} and sorted(os.listdir(tmp_path)) == ["c.pt", "r.json"]
+
+
+# ----------------------------------------------------------------------------- T2KD and DCKD in the student
+
+class Constant(nn.Module):
+    """A fake teacher whose logits and bottleneck are one constant, so routing can be read off."""
+    feature_channels = {"bottleneck": 3}
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, return_features=False):
+        n, _, h, w = x.shape
+        logits = torch.full((n, 2, h, w), self.value)
+        return (logits, {"bottleneck": torch.full((n, 3, h // 16 or 1, w // 16 or 1), self.value)}) if return_features else logits
+
+
+def test_class_teachers_route_each_image_to_its_class():
+    teachers = models.ClassTeachers([Constant(1.0), Constant(2.0)], ["benign", "malignant"])
+    index = torch.tensor([1, 0, 0, 1, 1])
+    logits, feats = teachers(torch.zeros(5, 1, 32, 32), index, return_features=True)
+    for i, c in enumerate(index.tolist()):
+        assert (logits[i] == c + 1.0).all() and (feats["bottleneck"][i] == c + 1.0).all()
+    mean = models.ClassTeachers([Constant(1.0), Constant(2.0)], ["benign", "malignant"], route="mean")
+    assert (mean(torch.zeros(2, 1, 32, 32), index[:2]) == 1.5).all()
+
+
+def test_dckd_projector_learns_and_is_not_saved(tiny_teacher, tmp_path, monkeypatch):
+    made = []
+    real = train_student.Projector
+    monkeypatch.setattr(train_student, "Projector", lambda *a: made.append(real(*a)) or made[-1])
+    train_student.main(["--teacher", tiny_teacher[0], "--pathway", "dckd", "--dckd_level", "dec3", "--width", "2",
+                        "--no-alone", "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")])
+    fresh = real(*[made[0][0].in_channels, made[0][0].out_channels])
+    assert any(not torch.equal(p, q) for p, q in zip(made[0].state_dict().values(), fresh.state_dict().values())
+               if p.dtype.is_floating_point)  # trained (its BatchNorm statistics at least moved)
+    assert made[0][0].weight.grad is not None  # and optimised: a gradient reached it
+    saved = kd.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
+    assert sorted(saved) == sorted(UNet(2).state_dict())
+
+
+@pytest.fixture(scope="module")
+def class_teachers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("class")
+    for c in ("benign", "malignant"):
+        train_teacher.main(TINY + ["--width", "4", "--only_class", c, "--out", str(folder / f"{c}.pt")])
+    return folder
+
+
+def test_t2kd_student_runs_and_refuses_wrong_class_teachers(class_teachers, tiny_teacher, tmp_path):
+    pair = f"benign={class_teachers / 'benign.pt'},malignant={class_teachers / 'malignant.pt'}"
+    s = train_student.main(["--class_teachers", pair, "--pathway", "joint", "--sup", "wb", "--width", "2",
+                            "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")])
+    assert s["teacher_parameters"] == 2 * count_parameters(UNet(4)) and len(s["teacher_test"]["per_image_dice"]) == 12
+    alone = kd.load_checkpoint(str(tmp_path / "student_alone.pt"), "student")
+    assert alone["args"]["sup"] == "wb"  # the student alone has the same L_sup: the gain is distillation's
+    swapped = f"benign={class_teachers / 'malignant.pt'},malignant={class_teachers / 'benign.pt'}"
+    for words, message in ((["--class_teachers", swapped], "trained on malignant images only"),
+                           (["--class_teachers", f"benign={tiny_teacher[0]},malignant={class_teachers / 'malignant.pt'}"],
+                            "trained on every class"),
+                           (["--class_teachers", f"benign={class_teachers / 'benign.pt'}"], "two or more classes"),
+                           (["--teacher", str(class_teachers / "benign.pt")], "a class teacher")):
+        with pytest.raises(UserError, match=message):
+            train_student.main(words + ["--out", str(tmp_path / "x.pt")])
+    leaky = torch.load(class_teachers / "malignant.pt", weights_only=True)
+    leaky["split"]["test"][0], leaky["split"]["train"][0] = leaky["split"]["train"][0], leaky["split"]["test"][0]
+    torch.save(leaky, tmp_path / "leaky.pt")
+    with pytest.raises(UserError, match="split differs"):
+        train_student.main(["--class_teachers", f"benign={class_teachers / 'benign.pt'},malignant={tmp_path / 'leaky.pt'}",
+                            "--out", str(tmp_path / "x.pt")])
 
 
 # ----------------------------------------------------------------------------- the real BUSI
@@ -1238,13 +1310,17 @@ def test_summary_pairs_runs_by_fold_and_seed():
 def test_study_end_to_end_resumes_and_draws(tmp_path):
     out = str(tmp_path / "study")
     res = study.main(STUDY_TINY + ["--out", out])
-    assert len(res["ran"]) == 2 * len(study.ROWS) == 2 * 15  # 14 rows of Table 4 + the weak teacher, 2 folds
+    assert len(res["ran"]) == 2 * len(study.ROWS) == 2 * 20  # Table 4's 14 rows, 3 more teachers, 3 more methods
     table = open(os.path.join(out, "table.md")).read()
     for row in study.ROWS:
         assert f"| {row} |" in table or f"| {row}* |" in table
     rows = json.load(open(os.path.join(out, "results.json")))["rows"]
     ps = [s[k] for s in rows.values() for k in ("p_vs_teacher", "p_vs_student") if s[k] is not None]
-    assert len(ps) == 2 * 15 - 2 and all(0 <= p <= 1 for p in ps)  # 24 pairs each: the Monte-Carlo test
+    assert len(ps) == 2 * 20 - 2 and all(0 <= p <= 1 for p in ps)  # 24 pairs each: the Monte-Carlo test
+    t2kd = json.load(open(os.path.join(out, "fold0", "seed0", "T2KD.json")))
+    benign, malignant = (json.load(open(os.path.join(out, "fold0", "seed0", f"Teacher_{c}.json"))) for c in ("benign", "malignant"))
+    assert t2kd["teacher_sha1"] == benign["sha1"] + "+" + malignant["sha1"]
+    assert "--class_teachers" in t2kd["argv"] and t2kd["argv"][t2kd["argv"].index("--sup") + 1] == "wb"
     run = json.load(open(os.path.join(out, "fold0", "seed0", "L_KLD_WAug.json")))
     assert run["argv"][run["argv"].index("--teacher") + 1].endswith("Teacher_WAug.pt")
     assert len(run["per_image_dice"]) == len(run["names"]) == 12 and run["precision"] == "fp32"

@@ -5,10 +5,21 @@
     python train_student.py --pathway none                                    # the student alone
     python train_student.py --teacher out/t_seed0.pt,out/t_seed1.pt           # an ensemble of teachers
     python train_student.py --resume                                          # go on with a stopped run
+    python train_student.py --class_teachers benign=out/t_benign.pt,malignant=out/t_malignant.pt \
+                            --pathway joint --sup wb                          # T2KD-style
+    python train_student.py --pathway dckd                                    # DCKD-style
 
 Pathways (Behboodi et al. 2025): logits = L (output maps), hidden = H (bottleneck attention maps),
 hidden_regressor = HR (bottleneck through a trained regressor); none = no teacher signal, the
 paper's "Student" row. The loss is alpha * L_distill + (1 - alpha) * L_sup (Eq. I).
+Two more methods, each our reading of a paper whose formulas are not public:
+  joint   L and HR at once, L_distill = L_L + L_HR (T2KD's "double path", Guo et al. 2025); with
+          --class_teachers each image is distilled from the teacher of its class, and --sup wb
+          replaces cross-entropy by the weight balance loss (losses.weight_balance_loss);
+  dckd    decoupled contrastive distillation (Pan et al. 2023): a projector maps the student's
+          features at --dckd_level to the teacher's width; L_sup + lambda_con L_con + lambda_rank
+          L_rank (losses.dckd_loss). A batch with no lesion position at that level's scale (or no
+          background) gets L_sup alone; the share of such images is printed as "skipped".
 
 To show what distillation did, a distilled run also needs the student alone on the same split:
 it is trained first (out/student_alone.pt beside --out) or, when a finished one with the same
@@ -29,17 +40,30 @@ import torch
 
 from data import UserError
 import kd
-from losses import distillation_loss, supervised_loss, total_loss
-from models import Ensemble, Regressor, UNet, count_parameters
+from losses import dckd_loss, distillation_loss, supervised_loss, total_loss
+from models import ClassTeachers, Ensemble, Projector, Regressor, UNet, count_parameters
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("teacher", "out/teacher.pt", "teacher checkpoint written by train_teacher.py; several, comma-separated, "
      "are an ensemble: the mean of their logits (logits pathway only)"),
-    ("pathway", "logits", "what is distilled: logits (L), hidden (H), hidden_regressor (HR), none (student alone)",
-     ["logits", "hidden", "hidden_regressor", "none"]),
+    ("class_teachers", str, "T2KD: two class teachers (train_teacher.py --only_class) as CLASS=PATH, comma-separated, "
+     "e.g. benign=out/t_benign.pt,malignant=out/t_malignant.pt; replaces --teacher"),
+    ("route", "label", "class teachers: label sends each image to its class's teacher; mean averages both (ablation)",
+     ["label", "mean"]),
+    ("pathway", "logits", "what is distilled: logits (L), hidden (H), hidden_regressor (HR), joint (L + HR), "
+     "dckd (decoupled contrastive), none (student alone)", ["logits", "hidden", "hidden_regressor", "joint", "dckd", "none"]),
     ("loss", "kld", "L_distill: mse (Eq. II) or kld (Eq. III)", ["mse", "kld"]),
     ("alpha", 0.5, "weight of L_distill in Eq. I; L_sup gets 1 - alpha (the paper: 0.5)"),
     ("T", 1.0, "KLD temperature T; the KL is scaled by T^2 (the paper gives none: 1)"),
+    ("sup", "ce", "L_sup: ce, pixel-wise cross-entropy (Eq. IV); wb, the weight balance loss (T2KD-style)", ["ce", "wb"]),
+    ("dckd_level", "bottleneck", "DCKD: the feature level compared", ["enc4", "bottleneck", "dec4", "dec3"]),
+    ("lambda_con", 1.0, "DCKD: weight of the contrastive loss L_con"),
+    ("lambda_rank", 0.5, "DCKD: weight of the ranking loss L_rank"),
+    ("tau", 0.1, "DCKD: temperature of L_con (CIRKD's 0.1)"),
+    ("anchors", 128, "DCKD: student anchors drawn per class (lesion, background) per batch"),
+    ("negatives", 256, "DCKD: teacher features of the other class drawn per class per batch"),
+    ("hard", 8, "DCKD: the hardest negatives (closest to the anchor) that L_rank looks at"),
+    ("delta", 0.2, "DCKD: margin of L_rank in cosine distance"),
     ("teacher_flip", False, "distil the mean of the teacher's outputs on the image and its mirror image "
      "(a two-view ensemble: a stronger, smoother signal for the same teacher)"),
     ("width", 10, "student U-Net width w, levels w..16w: 10 = 0.76M params (the paper: 0.82M)"),
@@ -69,24 +93,47 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("split", str, "must match the teacher's"),
 ]
 SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed", "phantom_count", "split"]
-DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip"}  # meaningless for the student alone
+DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip", "route", "dckd_level", "lambda_con", "lambda_rank", "tau",
+                  "anchors", "negatives", "hard", "delta"}  # meaningless for the student alone
+PATHS = {"logits": ["logits"], "hidden": ["hidden"], "hidden_regressor": ["hidden_regressor"],
+         "joint": ["logits", "hidden_regressor"]}  # the paper's pathways each pathway option sums
 PHANTOM_DEMO = dict(epochs=15, batch_size=8)  # about a CPU minute per student, on the phantom
 
 
 # ----------------------------------------------------------------------------- 1. teachers and their split
 
+def teacher_paths(args):
+    """(paths, classes): the --teacher files, or the --class_teachers files and their classes (else None)."""
+    if not args.class_teachers:
+        return [p for p in args.teacher.split(",") if p], None
+    pairs = [w.split("=", 1) for w in args.class_teachers.split(",") if w]
+    classes = [p[0] for p in pairs]
+    if any(len(p) != 2 or not p[1] for p in pairs) or len(pairs) < 2 or len(set(classes)) != len(classes):
+        raise UserError(f"--class_teachers {args.class_teachers}: give CLASS=PATH for two or more classes, "
+                        f"e.g. benign=out/t_benign.pt,malignant=out/t_malignant.pt")
+    return [p[1] for p in pairs], classes
+
+
 def load_teachers(args, given):
     """Load the teacher checkpoints, take their data and split options, and check that the split
     made here is theirs. Returns (teacher checkpoints, data, split)."""
-    paths = [p for p in args.teacher.split(",") if p]
-    ckpts = [kd.load_checkpoint(p, "teacher") for p in paths]
-    if len(ckpts) > 1 and args.pathway in ("hidden", "hidden_regressor"):
+    paths, classes = teacher_paths(args)
+    option = "--class_teachers" if classes else "--teacher"
+    ckpts = [kd.load_checkpoint(p, "teacher", option) for p in paths]
+    if len(ckpts) > 1 and not classes and args.pathway not in ("logits", "none"):
         raise UserError(f"--pathway {args.pathway}: an ensemble of teachers has no common bottleneck "
                         "(their channels do not correspond); distil its logits: --pathway logits")
-    for path, t in zip(paths, ckpts):
-        if t["args"].get("only_class"):
-            raise UserError(f"--teacher {path}: trained on {t['args']['only_class']} images only (a class teacher); "
-                            f"give a teacher of every class")
+    for i, (path, t) in enumerate(zip(paths, ckpts)):
+        own = t["args"].get("only_class")
+        if classes is None and own:
+            raise UserError(f"--teacher {path}: trained on {own} images only (a class teacher); give a teacher "
+                            f"of every class, or give class teachers with --class_teachers")
+        if classes is not None and own != classes[i]:
+            raise UserError(f"--class_teachers {classes[i]}={path}: that teacher was trained on "
+                            f"{own + ' images only' if own else 'every class'}; train it with --only_class {classes[i]}")
+        if classes is not None and t["model_config"] != ckpts[0]["model_config"]:
+            raise UserError(f"--class_teachers {classes[i]}={path}: another width than {paths[0]}; "
+                            f"class teachers must be of one width (their features are mixed per image)")
     first = ckpts[0]["args"]
     for k in SPLIT_OPTIONS:  # the teacher's split, or a clear refusal
         if getattr(args, k) is not None and getattr(args, k) != first.get(k):
@@ -100,19 +147,23 @@ def load_teachers(args, given):
     named = {k: [data.names[i] for i in v] for k, v in split.items()}
     for path, t in zip(paths, ckpts):
         if named != t["split"]:
-            raise UserError(f"--teacher {path}: its stored split differs from the one made here from "
+            raise UserError(f"{option} {path}: its stored split differs from the one made here from "
                             f"--data {args.data}; use the data and split the teacher was trained on")
         if data.fingerprint() != t["data_fingerprint"]:
             raise UserError(f"--data {args.data}: the images or masks differ from those teacher {path} was "
                             f"trained on (same names); use the teacher's data")
+    for c in classes or []:
+        if c not in data.labels:
+            raise UserError(f"--class_teachers {c}=...: the data holds no {c} images; give teachers of its classes "
+                            f"({', '.join(dict.fromkeys(data.labels))})")
     return ckpts, data, split
 
 
-def run_tag(args, data, split, teacher_paths):
+def run_tag(args, data, split, paths):
     """What identifies a student's run (kd.run_tag): its options and split, and which exact teacher
     files it learns from. The student alone depends on neither the teachers nor the distillation options."""
     alone = args.pathway == "none"
-    tag = kd.run_tag(args, data, split, teachers=[] if alone else [kd.file_hash(p) for p in teacher_paths])
+    tag = kd.run_tag(args, data, split, teachers=[] if alone else [kd.file_hash(p) for p in paths])
     tag["options"] = {k: v for k, v in tag["options"].items() if k != "alone" and not (alone and k in DISTIL_OPTIONS)}
     return tag
 
@@ -123,28 +174,47 @@ def train(args, teacher, data, split, device, dtype, tag):
     """Train one student (distilled, or alone with --pathway none) and return its checkpoint."""
     images, masks = data.images.to(device), data.masks.to(device)
     student = kd.to_device(UNet(args.width), device)
-    extras = []  # modules that learn with the student and are thrown away after: not saved with it
-    if args.pathway == "hidden_regressor":
-        extras.append(kd.to_device(Regressor(student.feature_channels["bottleneck"],
-                                             teacher.feature_channels["bottleneck"]), device))
+    regressor = projector = None  # they learn with the student and are thrown away after: not saved with it
+    if "hidden_regressor" in PATHS.get(args.pathway, []):
+        regressor = kd.to_device(Regressor(student.feature_channels["bottleneck"],
+                                           teacher.feature_channels["bottleneck"]), device)
+    if args.pathway == "dckd":
+        projector = kd.to_device(Projector(student.feature_channels[args.dckd_level],
+                                           teacher.feature_channels[args.dckd_level]), device)
+        anchor_generator = torch.Generator().manual_seed(args.seed)  # its own: the data stream stays as it is
+    extras = [m for m in (regressor, projector) if m is not None]
+    classes = class_indices(teacher, data, device)
     print(f"student: {kd.fmt_params(count_parameters(student))} parameters (width {args.width}); "
           f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
           + f"; device {device}, precision {kd.precision_name(dtype)}")
     student_fwd, teacher_fwd = kd.maybe_compile(student, args.compile), kd.maybe_compile(teacher, args.compile)
 
-    def step(x, y):
+    def teach(x, idx):
+        if classes is None:
+            return teacher_fwd(x, return_features=True)
+        return teacher_fwd(x, classes[idx], return_features=True)  # each image to its class's teacher
+
+    def step(x, y, idx):
         s_logits, s_feats = student_fwd(x, return_features=True)
-        l_sup = supervised_loss(s_logits.float(), y, args.dice_weight)
+        l_sup = supervised_loss(s_logits.float(), y, args.dice_weight, args.sup)
         if args.pathway == "none":
             return dict(loss=l_sup)
         with torch.no_grad():
-            t_logits, t_feats = teacher_fwd(x, return_features=True)
+            t_logits, t_feats = teach(x, idx)
             if args.teacher_flip:  # the mirror image's outputs, mirrored back, averaged in
-                m_logits, m_feats = teacher_fwd(x.flip(-1), return_features=True)
+                m_logits, m_feats = teach(x.flip(-1), idx)
                 t_logits = (t_logits + m_logits.flip(-1)) / 2
                 t_feats = {k: (v + m_feats[k].flip(-1)) / 2 for k, v in t_feats.items()}
-        regressor = extras[0] if extras else None
-        l_kd = distillation_loss(args.pathway, args.loss, s_logits, s_feats, t_logits, t_feats, regressor, args.T)
+        if args.pathway == "dckd":
+            terms = dckd_loss(projector(s_feats[args.dckd_level]), t_feats[args.dckd_level], y, anchor_generator,
+                              args.anchors, args.negatives, args.tau, args.hard, args.delta)
+            if terms is None:  # no lesion (or no background) position at this level's scale: L_sup alone
+                return dict(loss=l_sup, sup=l_sup, skipped=torch.ones((), device=x.device))
+            l_con, l_rank = terms
+            return dict(loss=l_sup + args.lambda_con * l_con + args.lambda_rank * l_rank, sup=l_sup, con=l_con,
+                        rank=l_rank, skipped=torch.zeros((), device=x.device))
+        l_kd = sum(distillation_loss(p, args.loss, s_logits, s_feats, t_logits, t_feats, regressor, args.T)
+                   for p in PATHS[args.pathway])
         return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
 
     run = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
@@ -165,12 +235,35 @@ def train(args, teacher, data, split, device, dtype, tag):
     return ckpt
 
 
-def student_alone(args, teacher, data, split, device, dtype, teacher_paths):
+def class_indices(teacher, data, device):
+    """For class teachers: each image's index into their members, on the device (else None)."""
+    if not isinstance(teacher, ClassTeachers):
+        return None
+    return torch.as_tensor([teacher.classes.index(c) if c in teacher.classes else -1 for c in data.labels],
+                           device=device)
+
+
+def evaluate_teacher(teacher, data, split, device, dtype, args):
+    """Test metrics of the teacher. Class teachers are each tested on their class's test images
+    (routed by the true class, which only they are given), and the per-image Dice put together."""
+    images, masks = data.images.to(device), data.masks.to(device)
+    if not isinstance(teacher, ClassTeachers):
+        return kd.evaluate(teacher, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
+    dice = {}
+    for c, member in zip(teacher.classes, teacher.members):
+        mine = [i for i in split["test"] if data.labels[i] == c]
+        if mine:
+            dice.update(zip(mine, kd.evaluate(member, images, masks, mine, device, dtype, args.batch_size)["per_image_dice"]))
+    per_image = [dice[i] for i in split["test"] if i in dice]
+    return dict(dice=sum(per_image) / len(per_image), per_image_dice=per_image)
+
+
+def student_alone(args, teacher, data, split, device, dtype, paths):
     """The student alone on the same split: a finished checkpoint with the same options is reused."""
     alone = copy.copy(args)
     alone.pathway, alone.resume = "none", False
     alone.out = os.path.join(os.path.dirname(args.out), "student_alone.pt")
-    tag = run_tag(alone, data, split, teacher_paths)
+    tag = run_tag(alone, data, split, paths)
     if os.path.isfile(alone.out):
         ckpt = kd.load_checkpoint(alone.out, "student", "student alone")
         if ckpt.get("tag") == tag:
@@ -207,7 +300,7 @@ def main(argv=None):
     the test metrics of its teacher (or ensemble) added as teacher_test."""
     args, given = kd.parse_args(OPTIONS, __doc__, argv)
     teacher_ckpts, data, split = load_teachers(args, given)
-    paths = [p for p in args.teacher.split(",") if p]
+    paths, classes = teacher_paths(args)
     args.out = args.out or os.path.join("out", "student_alone.pt" if args.pathway == "none"
                                         else f"student_{args.pathway}_{args.loss}.pt")
     if not args.out.endswith(".pt"):
@@ -217,7 +310,10 @@ def main(argv=None):
     device = kd.pick_device(args.device)
     dtype = kd.amp_dtype(device, args.amp)
     members = [kd.build_model(t) for t in teacher_ckpts]
-    teacher = members[0] if len(members) == 1 else Ensemble(members).eval()
+    if classes:
+        teacher = ClassTeachers(members, classes, args.route).eval()
+    else:
+        teacher = members[0] if len(members) == 1 else Ensemble(members).eval()
     teacher = kd.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
     widths = "+".join(str(t["model_config"]["width"]) for t in teacher_ckpts)
     print(f"teacher: {kd.fmt_params(count_parameters(teacher))} parameters (width {widths})")
@@ -231,8 +327,7 @@ def main(argv=None):
     name = "student alone" if args.pathway == "none" else f"distilled ({args.pathway}, {args.loss})"
     students.append((name, ckpt))
 
-    teacher_test = kd.evaluate(teacher, data.images.to(device), data.masks.to(device), split["test"], device,
-                               dtype, args.batch_size, args.dice_weight)
+    teacher_test = evaluate_teacher(teacher, data, split, device, dtype, args)
     report(teacher_test, count_parameters(teacher), students)
     return dict(ckpt, teacher_test=teacher_test)
 

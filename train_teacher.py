@@ -74,7 +74,7 @@ def main(argv=None):
           f"device {device}, precision {kd.precision_name(dtype)}")
     forward = kd.maybe_compile(model, args.compile)
 
-    def step(x, y):
+    def step(x, y, idx):
         return dict(loss=supervised_loss(forward(x).float(), y, args.dice_weight))
 
     # 3. Train, going on from a saved state with --resume
