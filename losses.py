@@ -1,12 +1,16 @@
 """Supervised and distillation losses, one short function per equation.
 
-Equation numbers are those of Behboodi, Brooks & Rivaz 2025 (the main paper, PAPERS.md section 1):
+Equation numbers are those of Behboodi, Brooks & Rivaz 2025, "Optimizing knowledge distillation for
+efficient breast ultrasound image segmentation" (AIH 2(2):73-86), the main paper:
     Eq. I    total = alpha * L_distill + (1 - alpha) * L_sup          total_loss
     Eq. II   L_MSE = mean (student - teacher)^2                        mse
     Eq. III  L_KLD = sum_i P_i log(P_i / Q_i), P teacher, Q student   kld
     Eq. IV   L_sup = pixel-wise cross-entropy                          cross_entropy
 Where the paper is silent (temperature, the axis of the distributions, how the hidden pathway
-compares maps of different widths) the choice is ours, written here and in PAPERS.md.
+compares maps of different widths) the choice is ours, and the function's docstring says which.
+Two more methods whose papers give no formulas are built here in their spirit, each part marked
+as the paper's idea or our design: T2KD's weight balance loss (Guo et al. 2025) and DCKD's
+decoupled contrastive and ranking losses (Pan et al. 2023).
 All tensors are NCHW; no function flattens N, C, H, W together, so channels never mix with pixels.
 """
 import torch
@@ -41,8 +45,7 @@ def balance_weights(target, clamp=(0.01, 0.99)):
 
 def weight_balance_loss(logits, target, clamp=(0.01, 0.99)):
     """T2KD-style weight balance loss (Guo et al. 2025 stress small lesions and the lesion /
-    background imbalance, but their formula is unpublished: this one is our design, PAPERS.md
-    section 4). Per-pixel cross-entropy weighted by balance_weights, averaged over each image's
+    background imbalance, but their formula is unpublished: this one is our design). Per-pixel cross-entropy weighted by balance_weights, averaged over each image's
     pixels, then over images. With f = 0.5 it is plain cross-entropy.
     logits (N, 2, H, W); target (N, 1, H, W) in {0, 1}."""
     ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")  # (N, H, W)
@@ -127,8 +130,11 @@ def total_loss(l_distill, l_sup, alpha=0.5):
 
 
 # ----------------------------------------------------------------------------- DCKD-style contrastive distillation
-# In the spirit of Pan et al. 2023 (DCKD, 3D ABUS; formulas unpublished): our 2D design, PAPERS.md
-# section 4. Borrowed ideas: CIRKD (Yang et al. 2022, github winycg/CIRKD, losses/cirkd_memory.py and
+# In the spirit of Pan et al. 2023 (DCKD, "ABUS tumor segmentation via decouple contrastive knowledge
+# distillation", 3D automated breast ultrasound; formulas unpublished): the paper's ideas are to split
+# features into tumour and non-tumour parts with the mask, to pull the student's towards the teacher's
+# of the same part by a contrastive loss, and to mine hard negatives with a ranking loss. The 2D form,
+# the formulas and every constant are our design. Borrowed ideas: CIRKD (Yang et al. 2022, github winycg/CIRKD, losses/cirkd_memory.py and
 # cirkd_mini_batch.py) for the student projector, the per-position L2 normalisation and the teacher
 # features as contrast keys; IFVD (Wang et al. 2020) and EMKD's region affinity (Qin et al. 2021) for
 # using the mask, downsampled to the feature size, to split positions into tumour and non-tumour.
