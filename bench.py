@@ -12,8 +12,9 @@ its forward and backward plus the frozen teacher's forward, logits KLD, as in tr
 train_tflops and train_peak_pct (achieved convolution TFLOP/s and share of the device's peak),
 data_pct (share of a training step spent in kd.batch: indexing, augmentation, normalisation on the
 device; under 5% means the device hardly waits on data), infer_ms_fp32 (batch 1, plain fp32 eager,
-NCHW), infer_ms_fast (batch 1, predict.py's fast form: BatchNorm folded, channels_last, bf16 where
-native), infer_ms_compiled (--compile), train_mem_mib (peak memory of training, see below).
+NCHW), infer_ms_fast (batch 1, the fast form predict.py runs, models.fast_model: BatchNorm folded,
+channels_last, bf16 where native), infer_ms_compiled (--compile), train_mem_mib (peak memory of
+training, see below).
 Every time is a median of --repeats repeats, after a warm-up, with the device synchronised.
 """
 import copy
@@ -27,9 +28,9 @@ import torch.nn as nn
 
 import kd
 from data import UserError, make_phantom, normalize
+from kd import sync
 from losses import distillation_loss, supervised_loss, total_loss
-from models import UNet, count_parameters
-from predict import fast_model, lesion_probability, sync
+from models import UNet, count_parameters, fast_model, lesion_probability
 
 try:
     import resource  # peak RSS on Linux and macOS; not on Windows
@@ -171,8 +172,8 @@ def bench_training(model, step, images, masks, args, device, dtype, params):
 
 def bench_inference(model, images, args, device, dtype):
     """Milliseconds per frame at batch 1: plain fp32 eager (NCHW, BatchNorm as trained), the fast
-    form (predict.fast_model) and, with --compile, the fast form compiled. (test_kd.py checks
-    that the fast form's masks are fp32's up to bf16 rounding.)"""
+    form (models.fast_model, what predict.py runs) and, with --compile, the fast form compiled.
+    (test_kd.py checks that the fast form's masks are fp32's up to bf16 rounding.)"""
     x = normalize(images[:1].float() / 255)  # one phantom frame, as kd.batch makes it (no augmentation)
     plain = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
     fast = fast_model(model, device, dtype)

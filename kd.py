@@ -547,3 +547,13 @@ def run(main):
     except KeyboardInterrupt:
         print("\ninterrupted before a checkpoint was saved", file=sys.stderr)
         sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def sync(device):
+    """Wait for the device's queued work, so a clock reading measures it (GPUs run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -1,98 +1,66 @@
-"""Segment your own ultrasound images with a trained teacher or student: masks, overlays, time per frame.
+"""Segment your own ultrasound images with a trained teacher or student: masks, overlays, time per
+frame; and export the model for deployment with torch alone.
 
     python predict.py --checkpoint out/student_logits_kld.pt scans/           # every image in a folder
-    python predict.py --checkpoint out/teacher.pt a.png b.jpg --out masks/
+    python predict.py --checkpoint out/teacher.pt a.png b.jpg --out masks/ --probability
     python predict.py --checkpoint out/student_logits_kld.pt scans/ --amp off  # plain fp32
+    python predict.py --checkpoint out/student_logits_kld.pt --export out/student.ts
 
 For each image NAME.ext it writes OUT/NAME_mask.png (0 background, 255 lesion, at the image's own
-size) and OUT/NAME_overlay.png (the lesion's outline drawn over the grey image). In a folder,
-files whose names hold "_mask" or "_overlay" (BUSI's ground truth, our own outputs) are skipped.
+size) and OUT/NAME_overlay.png (the lesion's outline drawn over the grey image); with --probability
+also OUT/NAME_probability.png, the lesion probability p at the image's own size in 8 bits,
+round(255 p). In a folder, files whose names hold "_mask", "_overlay" or "_probability" (BUSI's
+ground truth, our own outputs) are skipped. A run in which every mask comes out empty ends with a
+warning naming the likely causes.
 
 Preprocessing is exactly training's: grey ("L"), resized to the checkpoint's size x size
 (bilinear), /255, per-image normalisation, channels_last. The model runs in its fast inference
-form: BatchNorm folded into the convolutions, weights and activations in bf16 where the device
-computes bf16 natively (kd.amp_dtype), fp32 elsewhere or with --amp off.
+form (models.fast_model): BatchNorm folded into the convolutions, weights and activations in bf16
+where the device computes bf16 natively (kd.amp_dtype), fp32 elsewhere or with --amp off. Its
+lesion probability, size x size, is upsampled bilinearly to the image's own size and only then
+thresholded (--threshold): the mask's edge is smooth, not a staircase of enlarged model pixels.
+
+--export FILE.ts writes the fast form, in fp32 for portability, as TorchScript (torch.jit.trace):
+torch alone loads it, in Python or in C++ (libtorch), without this project. It takes normalised
+images (N, 1, S, S) float32 and returns the lesion probability (N, 1, S, S); the file's meta.json
+states S, the preprocessing and the threshold. predict.py checks the file against the checkpoint's
+own model on sample images (the images given, else a few built-in phantom images) and prints the
+largest difference in lesion probability and the milliseconds per frame of each. To use it:
+
+    meta = {"meta.json": ""}  # filled in by torch.jit.load: json.loads(meta["meta.json"])
+    model = torch.jit.load("out/student.ts", _extra_files=meta)
+    probability = model(x)    # x preprocessed as meta says; mask = probability >= its threshold
 """
-import copy
+import json
 import os
 import statistics
+import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 import kd
-from data import UserError, _listdir, _open, normalize
-from models import count_parameters
+from data import UserError, _listdir, _open, make_phantom, normalize
+from models import count_parameters, fast_model, lesion_probability
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place; input paths are positional
     ("checkpoint", "out/student_logits_kld.pt", "teacher or student checkpoint (train_teacher.py, train_student.py)"),
-    ("out", "out/predictions", "folder for NAME_mask.png and NAME_overlay.png"),
+    ("out", "out/predictions", "folder for NAME_mask.png, NAME_overlay.png (and NAME_probability.png)"),
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
     ("amp", "auto", "precision: auto (bf16 where native), bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
     ("threshold", 0.5, "a pixel is lesion when its lesion probability is >= threshold"),
+    ("probability", False, "also write NAME_probability.png: the lesion probability at the image's size, round(255 p)"),
+    ("export", str, "write the fast form (fp32) as TorchScript to this .ts file, checked against the checkpoint and "
+                    "timed on the images given, else on built-in phantom images; see the top of this help"),
 ]
 PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CONTOUR_COLOUR = (255, 200, 0)  # yellow: visible on grey tissue and on dark lesions alike
 IMAGE_EXTENSIONS = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}  # what Pillow reads
-
-
-# ----------------------------------------------------------------------------- the fast inference model
-
-def fuse_for_inference(model):
-    """A copy of `model` in eval mode with every BatchNorm2d that follows a Conv2d in an
-    nn.Sequential folded into that convolution (the BN becomes nn.Identity).
-
-    In eval mode BN is a fixed per-channel affine map y = s * (x - mean) + beta with
-    s = gamma / sqrt(var + eps), so conv-then-BN is one convolution with weights w * s and bias
-    s * (b - mean) + beta: same output up to float rounding, one pass over memory fewer.
-    """
-    f64 = lambda t: t.detach().cpu().double()  # fold in float64 on the CPU: no extra rounding (MPS has no float64)
-    model = copy.deepcopy(model).eval()
-    for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None):
-                continue
-            gamma = f64(bn.weight) if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)
-            beta = f64(bn.bias) if bn.affine else torch.zeros(bn.num_features, dtype=torch.float64)
-            s = gamma / (f64(bn.running_var) + bn.eps).sqrt()
-            bias = f64(conv.bias) if conv.bias is not None else torch.zeros_like(s)
-            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
-            w = conv.weight
-            fused.weight = nn.Parameter((f64(w) * s.view(-1, 1, 1, 1)).to(w))  # back to w's dtype and device
-            fused.bias = nn.Parameter(((bias - f64(bn.running_mean)) * s + beta).to(w))
-            seq[i], seq[i + 1] = fused, nn.Identity()
-    return model
-
-
-def fast_model(model, device, dtype):
-    """The fastest eager form of a trained model: BatchNorm folded, channels_last, weights in
-    `dtype` (None: fp32), frozen. After folding the net is only convolutions, ReLU, max-pool and
-    concatenation, so bf16 weights compute what bf16 autocast would, without re-casting the
-    weights at every call (2-core Xeon, student at 224: 6.1 ms vs 6.6 ms per frame)."""
-    model = kd.to_device(fuse_for_inference(model), device).requires_grad_(False)
-    return model.to(dtype) if dtype is not None else model
-
-
-@torch.inference_mode()
-def lesion_probability(model, x):
-    """Normalised images (N, 1, S, S) -> lesion probability (N, 1, S, S) in float32."""
-    dtype = next(model.parameters()).dtype
-    return model(x.to(dtype)).float().softmax(dim=1)[:, 1:]
-
-
-def sync(device):
-    """Wait for the device's queued work, so a clock reading measures it (GPUs run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 # ----------------------------------------------------------------------------- files in, files out
@@ -100,12 +68,14 @@ def sync(device):
 def list_images(inputs):
     """Files named, and the image files of folders named, in order; a one-line error otherwise."""
     if not inputs:
-        raise UserError("no input images: give image files or folders, e.g. python predict.py scans/")
+        raise UserError("no input images: give image files or folders, e.g. python predict.py scans/ "
+                        "(or --export FILE.ts alone to export the model)")
     files = []
     for path in inputs:
         if os.path.isdir(path):
             found = [os.path.join(path, f) for f in _listdir(path)
-                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and "_mask" not in f and "_overlay" not in f]
+                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                     and not any(tag in f for tag in ("_mask", "_overlay", "_probability"))]
             if not found:
                 raise UserError(f"{path}: no images in this folder (.png, .jpg, .bmp, .tif, ...); give another folder or files")
             files += found
@@ -117,7 +87,8 @@ def list_images(inputs):
 
 
 def output_names(files, out):
-    """OUT/NAME_mask.png and OUT/NAME_overlay.png per file; two inputs with one NAME are refused."""
+    """(OUT/NAME_mask.png, OUT/NAME_overlay.png, OUT/NAME_probability.png) per file; two inputs with
+    one NAME are refused."""
     names, seen = [], {}
     for f in files:
         stem = os.path.splitext(os.path.basename(f))[0]
@@ -125,7 +96,7 @@ def output_names(files, out):
             raise UserError(f"{f}: same name as {seen[stem]}, both would write {stem}_mask.png; "
                             f"rename one or predict them in separate runs")
         seen[stem] = f
-        names.append((os.path.join(out, stem + "_mask.png"), os.path.join(out, stem + "_overlay.png")))
+        names.append(tuple(os.path.join(out, f"{stem}_{what}.png") for what in ("mask", "overlay", "probability")))
     return names
 
 
@@ -137,6 +108,25 @@ def preprocess(image, size, device):
     return normalize(x.float() / 255).contiguous(memory_format=torch.channels_last)
 
 
+def to_image_size(probability, image_size):
+    """Lesion probability (1, 1, S, S) -> (H, W) at image_size = (W, H), PIL's order: bilinear with
+    half-pixel centres (align_corners=False), the geometry of PIL's resize that made the S x S input.
+    Thresholding this, not the S x S map, gives a mask whose edge is the probability's smooth level
+    line instead of a staircase of enlarged model pixels."""
+    width, height = image_size
+    return F.interpolate(probability, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+def mask_pixels(probability, threshold):
+    """Probability (H, W) -> uint8 array, 255 where probability >= threshold, else 0."""
+    return (probability >= threshold).to(torch.uint8).mul_(255).cpu().numpy()
+
+
+def probability_pixels(probability):
+    """Probability (H, W) in [0, 1] -> uint8 array round(255 p)."""
+    return (probability * 255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
 def overlay(image, mask):
     """The grey image in RGB with the mask's outline drawn over it, about 0.4% of the image wide."""
     edge = Image.fromarray(mask).filter(ImageFilter.FIND_EDGES)  # non-zero where the mask changes
@@ -145,15 +135,129 @@ def overlay(image, mask):
     return Image.composite(Image.new("RGB", image.size, CONTOUR_COLOUR), image.convert("RGB"), edge)
 
 
+# ----------------------------------------------------------------------------- export for deployment
+
+EXPORT_SUFFIX = ".ts"
+SAMPLES = 4  # built-in phantom images that check and time an export made without input images
+
+
+class ProbabilityNet(nn.Module):
+    """What an exported file holds: a U-Net and its lesion probability, (N, 1, S, S) -> (N, 1, S, S)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)[:, 1:]
+
+
+def check_export_name(path):
+    """--export: a .ts file name whose folder can be made; a one-line error otherwise."""
+    if os.path.splitext(path)[1].lower() != EXPORT_SUFFIX:
+        raise UserError(f"--export {path}: name a TorchScript file ending {EXPORT_SUFFIX}, "
+                        f"e.g. --export out/student.ts")
+    if os.path.isdir(path):
+        raise UserError(f"--export {path}: is a folder; name a file in it, "
+                        f"e.g. --export {os.path.join(path, 'student.ts')}")
+    folder = os.path.dirname(path)
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--export {path}: {folder} is a file, not a folder; name another path")
+
+
+def export_metadata(ckpt, checkpoint_path, threshold):
+    """meta.json of an exported file: what a user of torch alone needs to prepare its input and read its
+    output."""
+    size = ckpt["args"]["size"]
+    return dict(
+        format="TorchScript (torch.jit.trace) of the fast inference form: BatchNorm folded into the "
+               "convolutions, fp32 weights",
+        load='meta = {"meta.json": ""}; model = torch.jit.load(FILE, _extra_files=meta); '
+             'json.loads(meta["meta.json"])',
+        input=f"(N, 1, {size}, {size}) float32, preprocessed as below; any N",
+        output=f"(N, 1, {size}, {size}) float32: lesion probability in [0, 1]",
+        size=size,
+        preprocessing=["grey: PIL Image.convert('L')",
+                       f"resize to {size} x {size}, bilinear (PIL Image.BILINEAR); the aspect ratio is not kept",
+                       "float pixels / 255",
+                       "per image: x = (x - x.mean()) / (x.std() + 1e-6), std unbiased (torch.std)"],
+        threshold=threshold,
+        postprocessing="lesion mask = probability >= threshold; for a mask at the image's own size, first "
+                       "upsample the probability bilinearly (torch.nn.functional.interpolate, align_corners=False)",
+        kind=ckpt["kind"], width=ckpt["model_config"]["width"], trained_on=str(ckpt["args"].get("data")),
+        checkpoint=os.path.basename(checkpoint_path), torch=str(torch.__version__),
+    )
+
+
+def ms_per_frame(fn, x, device, warmup=3, repeats=20):
+    """Median milliseconds of fn(x) over `repeats` calls after `warmup` calls, the device synchronised
+    around each call."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup + repeats):
+            kd.sync(device)
+            t0 = time.perf_counter()
+            fn(x)
+            kd.sync(device)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[warmup:])
+
+
+def export(path, ckpt, args, device, dtype, fast, samples, what):
+    """Write the checkpoint's model to `path` as TorchScript (fp32, BatchNorm folded, meta.json
+    inside), load it back as a user would, and print its largest difference in lesion probability
+    from the checkpoint's own eager model on `samples` (normalised (N, 1, S, S) on `device`) and the
+    ms per frame of each. Returns (largest difference, {name: ms per frame})."""
+    eager = kd.build_model(ckpt)  # as trained: fp32, BatchNorm unfolded
+    net = ProbabilityNet(fast_model(eager, torch.device("cpu"), None)).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)  # newer torch calls TorchScript deprecated, still loads it
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Up's pad-to-skip test: fixed at S x S, the input
+        traced = torch.jit.trace(net, samples[:1].cpu())
+        meta = json.dumps(export_metadata(ckpt, args.checkpoint, args.threshold), indent=1)
+        kd.atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={"meta.json": meta}))
+        loaded = torch.jit.load(path, map_location=device).eval()  # what a user gets
+    eager = eager.to(device)
+    with torch.inference_mode():
+        diff = (loaded(samples) - eager(samples).float().softmax(dim=1)[:, 1:]).abs().max().item()
+    one = samples[:1]
+    fast32 = fast if dtype is None else fast_model(eager, device, None)  # like for like with the file
+    ms = {"exported": ms_per_frame(loaded, one, device),
+          "fast fp32": ms_per_frame(lambda x: lesion_probability(fast32, x), one, device)}
+    if dtype is not None:
+        ms[f"fast {PRECISION[dtype]}"] = ms_per_frame(lambda x: lesion_probability(fast, x), one, device)
+    ms["eager"] = ms_per_frame(lambda x: eager(x).float().softmax(dim=1)[:, 1:], one, device)
+    print(f"exported {path} ({os.path.getsize(path) / 2 ** 20:.2f} MiB): TorchScript, fp32, BatchNorm folded; "
+          f"input (N, 1, {one.shape[-1]}, {one.shape[-1]}) normalised, output lesion probability; preprocessing "
+          f"and threshold {args.threshold} in its meta.json")
+    print(f"checked on {len(samples)} {what}: largest difference in lesion probability from the checkpoint's "
+          f"eager model {diff:.2g}")
+    print(f"ms per frame on {device} (batch 1, median of 20 after warm-up): exported {ms['exported']:.2f}; eager: "
+          + ", ".join(f"{k} form {v:.2f}" for k, v in ms.items() if k.startswith("fast"))
+          + f" (predict.py runs fast {PRECISION[dtype]}), as trained {ms['eager']:.2f} (fp32, BatchNorm unfolded)")
+    return diff, ms
+
+
 # ----------------------------------------------------------------------------- main
+
+def empty_warning(count, threshold, ckpt):
+    """The one-line warning after a run in which every mask came out empty."""
+    trained_on, size = str(ckpt["args"].get("data")), ckpt["args"]["size"]
+    phantom = " (this checkpoint was: --data phantom)" if trained_on == "phantom" else ""
+    return (f"warning: all {count} masks are empty, no pixel reached --threshold {threshold}. Likely causes: "
+            f"a model trained on the built-in phantom run on real scans{phantom}; a threshold too high "
+            f"(try a lower --threshold); images unlike the training data (it saw {trained_on} at "
+            f"{size}x{size}: another modality, or another size or zoom of scan)")
+
 
 def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns a list of (input, mask file)."""
     args, _ = kd.parse_args(OPTIONS, __doc__, argv, ("inputs", "image files or folders"))
-    inputs = args.inputs
     if not 0 < args.threshold < 1:
         raise UserError(f"--threshold {args.threshold}: give a probability between 0 and 1, e.g. 0.5")
-    files = list_images(inputs)
+    if args.export is not None:
+        check_export_name(args.export)
+    files = list_images(args.inputs) if args.inputs or args.export is None else []
     outputs = output_names(files, args.out)
     ckpt = kd.load_checkpoint(args.checkpoint, ("student", "teacher"), "--checkpoint")
     device = kd.pick_device(args.device)
@@ -162,25 +266,41 @@ def main(argv=None):
     model = fast_model(kd.build_model(ckpt), device, dtype)
     print(f"{ckpt['kind']} {args.checkpoint}: U-Net width {ckpt['model_config']['width']}, "
           f"{kd.fmt_params(count_parameters(model))} parameters, input {size}x{size}; device {device}, "
-          f"{PRECISION[dtype]}, BatchNorm folded; {len(files)} image{'s' * (len(files) > 1)}")
+          f"{PRECISION[dtype]}, BatchNorm folded; {len(files)} image{'s' * (len(files) != 1)}")
     lesion_probability(model, torch.zeros(1, 1, size, size, device=device))  # warm-up: kernels chosen once
-    os.makedirs(args.out, exist_ok=True)
-    times, written, t_start = [], [], time.perf_counter()
-    for path, (mask_path, overlay_path) in zip(files, outputs):
+    if files:
+        os.makedirs(args.out, exist_ok=True)
+    times, written, empty, t_start = [], [], 0, time.perf_counter()
+    for path, (mask_path, overlay_path, probability_path) in zip(files, outputs):
         image = _open(path, "L")  # a corrupt file: the same one-line error as in training
         x = preprocess(image, size, device)
-        sync(device)
+        kd.sync(device)
         t0 = time.perf_counter()
-        mask = (lesion_probability(model, x)[0, 0] >= args.threshold).to(torch.uint8).mul_(255).cpu().numpy()
+        probability = to_image_size(lesion_probability(model, x), image.size)
+        mask = mask_pixels(probability, args.threshold)
         times.append(time.perf_counter() - t0)  # .cpu() waited for the device
-        mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))  # back to the image's size
         Image.fromarray(mask).save(mask_path)
         overlay(image, mask).save(overlay_path)
+        if args.probability:
+            Image.fromarray(probability_pixels(probability)).save(probability_path)
         written.append((path, mask_path))
+        empty += not mask.any()
         print(f"{path}: lesion {100 * (mask > 0).mean():.1f}% of the image, {1000 * times[-1]:.1f} ms -> {mask_path}")
-    print(f"{len(files)} image{'s' * (len(files) > 1)}: {1000 * statistics.median(times):.1f} ms per frame (median, model and "
-          f"threshold at {size}x{size} on {device}); {time.perf_counter() - t_start:.1f}s in all with reading "
-          f"and writing; masks and overlays in {args.out}")
+    if files:
+        print(f"{len(files)} image{'s' * (len(files) > 1)}: {1000 * statistics.median(times):.1f} ms per frame "
+              f"(median; model at {size}x{size}, probability upsampled and thresholded at the image's size, on "
+              f"{device}); {time.perf_counter() - t_start:.1f}s in all with reading and writing; masks and overlays"
+              f"{' and probabilities' * args.probability} in {args.out}")
+    if files and empty == len(files):
+        print(empty_warning(len(files), args.threshold, ckpt), file=sys.stderr)
+    if args.export is not None:
+        if files:
+            samples = torch.cat([preprocess(_open(f, "L"), size, device) for f in files[:SAMPLES]])
+            what = "of the images given"
+        else:
+            samples = normalize(make_phantom(SAMPLES, size, seed=0).images.float().to(device) / 255)
+            what = "built-in phantom images"
+        export(args.export, ckpt, args, device, dtype, model, samples, what)
     return written
 
 

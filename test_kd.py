@@ -555,7 +555,8 @@ def test_training_lowers_the_loss():
 
 
 @pytest.mark.parametrize("pathway,loss,extra", [("logits", "kld", []), ("hidden", "mse", []), ("hidden_regressor", "kld", []),
-                                               ("none", "kld", []), ("hidden", "kld", ["--teacher_flip"])])
+                                               ("none", "kld", []), ("hidden", "kld", ["--teacher_flip"]),
+                                               ("hidden_regressor", "mse", ["--fast_teacher"])])
 def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss, extra):
     path, t = tiny_teacher
     s = train_student.main(["--teacher", path, "--pathway", pathway, "--loss", loss, "--width", "2", "--no-alone",
@@ -1136,17 +1137,17 @@ def test_conv_flops_unet_formula(width, size):
 def test_fused_fp32_equals_plain():
     torch.manual_seed(0)
     model = randomise_batchnorm(UNet(4))
-    fused = predict.fuse_for_inference(model)
+    fused = models.fuse_for_inference(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left alone
     x = data.normalize(data.make_phantom(4, 64, seed=2).images.float() / 255)
     with torch.no_grad():
         ref = model(x)
-    fast = predict.fast_model(model, torch.device("cpu"), None)
+    fast = models.fast_model(model, torch.device("cpu"), None)
     with torch.no_grad():
         out = fast(x.contiguous(memory_format=torch.channels_last))
     assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
-    assert torch.equal(predict.lesion_probability(fast, x) >= 0.5, ref.softmax(1)[:, 1:] >= 0.5)
+    assert torch.equal(models.lesion_probability(fast, x) >= 0.5, ref.softmax(1)[:, 1:] >= 0.5)
 
 
 def test_fast_bf16_matches_fp32():
@@ -1156,9 +1157,9 @@ def test_fast_bf16_matches_fp32():
     x = data.normalize(data.make_phantom(4, 64, seed=3).images.float() / 255)
     with torch.no_grad():
         ref = model(x).softmax(1)[:, 1:]
-    fast = predict.fast_model(model, torch.device("cpu"), torch.bfloat16)
+    fast = models.fast_model(model, torch.device("cpu"), torch.bfloat16)
     assert next(fast.parameters()).dtype == torch.bfloat16
-    prob = predict.lesion_probability(fast, x.contiguous(memory_format=torch.channels_last))
+    prob = models.lesion_probability(fast, x.contiguous(memory_format=torch.channels_last))
     assert prob.dtype == torch.float32 and prob.shape == ref.shape
     assert (prob - ref).abs().max().item() < 0.02  # bf16 keeps about 3 significant digits
 
@@ -1169,8 +1170,8 @@ def test_fast_bf16_masks_match_fp32_trained(teacher_ckpt):
     x = data.normalize(data.make_phantom(16, 32, seed=5).images.float() / 255)
     with torch.no_grad():
         ref = model(x).softmax(1)[:, 1:] >= 0.5
-    fast = predict.fast_model(model, torch.device("cpu"), torch.bfloat16)
-    pred = predict.lesion_probability(fast, x.contiguous(memory_format=torch.channels_last)) >= 0.5
+    fast = models.fast_model(model, torch.device("cpu"), torch.bfloat16)
+    pred = models.lesion_probability(fast, x.contiguous(memory_format=torch.channels_last)) >= 0.5
     assert ref.float().mean() > 0.02  # it does find lesions
     dice, _ = kd.dice_iou(pred, ref)
     assert dice.mean().item() > 0.97
@@ -1231,6 +1232,159 @@ def test_predict_corrupt_png_one_line_error(tmp_path, teacher_ckpt, image_files)
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "x.png" in err[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def disc_probability(size, radius=9.3, soft=1.5):
+    """A hand-made lesion probability (1, 1, size, size): a smooth disc, 1 inside, 0 outside."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                            indexing="ij")
+    r = ((yy - size / 2 + 0.3) ** 2 + (xx - size / 2 - 0.2) ** 2).sqrt()
+    return torch.sigmoid((radius - r) / soft).float()[None, None]
+
+
+def bilinear_by_hand(p, height, width):
+    """(S, S) -> (height, width) in float64: bilinear with half-pixel centres, edges clamped."""
+    p = np.asarray(p, np.float64)
+
+    def weights(n_out, n_in):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), src - lo
+
+    y0, y1, wy = weights(height, p.shape[0])
+    x0, x1, wx = weights(width, p.shape[1])
+    rows = p[y0] * (1 - wy)[:, None] + p[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx) + rows[:, x1] * wx
+
+
+def predict_hand_made(tmp_path, ckpt, monkeypatch, probability, extra=()):
+    """predict.main on one 160x128 image with the model's output replaced by `probability`."""
+    (tmp_path / "in").mkdir(exist_ok=True)
+    Image.fromarray(np.full((128, 160), 90, np.uint8)).save(tmp_path / "in" / "a.png")
+    monkeypatch.setattr(predict, "lesion_probability", lambda model, x: probability.to(x.device).expand(len(x), -1, -1, -1))
+    out = tmp_path / "out"
+    predict.main(["--checkpoint", str(ckpt), str(tmp_path / "in" / "a.png"), "--out", str(out), "--device", "cpu",
+                  *extra])
+    return out
+
+
+def row_widths(mask):
+    return [int(w) for w in (np.asarray(mask) > 0).sum(1) if w]
+
+
+def test_predict_thresholds_the_upsampled_probability(tmp_path, teacher_ckpt, monkeypatch, capsys):
+    """The mask at the image's size (5x wider, 4x taller than the model's 32) is the bilinear upsampled
+    probability thresholded, not the model-size mask enlarged with nearest-neighbour (staircase)."""
+    size = kd.load_checkpoint(str(teacher_ckpt), "teacher")["args"]["size"]
+    assert size == 32  # the fixture's: 160 = 5 x 32, 128 = 4 x 32
+    disc = disc_probability(size)
+    mask = np.asarray(Image.open(predict_hand_made(tmp_path, teacher_ckpt, monkeypatch, disc) / "a_mask.png"))
+    assert mask.shape == (128, 160)
+    ref = bilinear_by_hand(disc[0, 0], 128, 160)
+    clear = np.abs(ref - 0.5) > 1e-6  # float32 against float64: only a tie could differ
+    assert clear.mean() > 0.99
+    assert np.array_equal(mask[clear], np.where(ref >= 0.5, 255, 0)[clear])
+    nearest = np.asarray(Image.fromarray(np.where(disc[0, 0] >= 0.5, 255, 0).astype(np.uint8)).resize((160, 128),
+                                                                                                      Image.NEAREST))
+    assert (mask != nearest).sum() > 20
+    assert all(w % 5 == 0 for w in row_widths(nearest))  # a staircase of 5-pixel steps
+    assert any(w % 5 for w in row_widths(mask))          # edges between the model's pixels
+    assert "warning" not in capsys.readouterr().err  # lesions found: no warning
+    assert not (tmp_path / "out" / "a_probability.png").exists()  # only with --probability
+
+
+def test_predict_probability_png(tmp_path, teacher_ckpt, monkeypatch):
+    """--probability writes round(255 p) of the bilinear upsampled probability, at the image's size;
+    a folder holding our outputs gives only its image again."""
+    disc = disc_probability(32)
+    out = predict_hand_made(tmp_path, teacher_ckpt, monkeypatch, disc, ["--probability"])
+    png = Image.open(out / "a_probability.png")
+    assert png.mode == "L" and png.size == (160, 128)
+    got = np.asarray(png).astype(int)
+    scaled = 255 * bilinear_by_hand(disc[0, 0], 128, 160)
+    clear = np.abs(scaled - np.floor(scaled) - 0.5) > 1e-3  # away from .5, where rounding could go either way
+    assert clear.mean() > 0.99
+    assert np.array_equal(got[clear], np.round(scaled).astype(int)[clear])
+    assert np.abs(got - scaled).max() <= 0.5 + 1e-3
+    assert got.min() == 0 and got.max() >= 250  # the whole 8-bit range is used
+    (tmp_path / "in" / "a.png").rename(out / "a.png")
+    written = predict.main(["--checkpoint", str(teacher_ckpt), str(out), "--out", str(out), "--device", "cpu"])
+    assert [os.path.basename(p) for p, _ in written] == ["a.png"]  # a_mask, a_overlay, a_probability skipped
+
+
+def test_predict_warns_when_every_mask_is_empty(tmp_path, teacher_ckpt, image_files, monkeypatch, capsys):
+    monkeypatch.setattr(predict, "lesion_probability", lambda model, x: torch.zeros_like(x))
+    written = predict.main(["--checkpoint", str(teacher_ckpt), str(image_files[0].parent), "--out", str(tmp_path / "p"),
+                            "--device", "cpu"])
+    assert len(written) == 3  # not an error
+    assert not any(np.asarray(Image.open(m)).any() for _, m in written)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: all 3 masks are empty"), err
+    for cause in ("phantom", "real scans", "--threshold", "modality", "size"):
+        assert cause in err[0], cause
+
+
+LOAD_IN_PLAIN_TORCH = """
+import importlib.util, json, sys, torch
+assert all(importlib.util.find_spec(m) is None for m in ("kd", "models", "predict", "data"))
+meta = {"meta.json": ""}
+model = torch.jit.load(sys.argv[1], _extra_files=meta)
+x = torch.load(sys.argv[2]).float() / 255  # grey pixels resized to S x S, as meta.json says
+x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-6)
+with torch.no_grad():
+    probability = model(x)
+torch.save({"probability": probability, "meta": json.loads(meta["meta.json"])}, sys.argv[3])
+"""
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # newer torch: TorchScript still loads
+def test_predict_export_loads_in_plain_torch(tmp_path, teacher_ckpt, image_files, capsys):
+    """--export: a TorchScript file that torch alone, in a fresh process without this project, loads and
+    runs; its lesion probability is the checkpoint's eager model's within 1e-4, on images preprocessed
+    as its meta.json states."""
+    path = tmp_path / "model.ts"
+    assert predict.main(["--checkpoint", str(teacher_ckpt), "--export", str(path), "--device", "cpu",
+                         "--threshold", "0.4"]) == []  # no images: built-in phantom samples
+    out = capsys.readouterr().out
+    diff = float(re.search(r"checked on 4 built-in phantom images: largest difference .* model (\S+)", out).group(1))
+    assert diff < 1e-4 and "ms per frame on cpu" in out and "exported" in out
+    ckpt = kd.load_checkpoint(str(teacher_ckpt), "teacher")
+    size = ckpt["args"]["size"]
+    grey = [Image.open(f).convert("L") for f in image_files]
+    torch.save(torch.stack([torch.from_numpy(np.asarray(g.resize((size, size), Image.BILINEAR)).copy())[None]
+                            for g in grey]), tmp_path / "pixels.pt")
+    (tmp_path / "fresh").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", LOAD_IN_PLAIN_TORCH, str(path), str(tmp_path / "pixels.pt"),
+                        str(tmp_path / "result.pt")], cwd=tmp_path / "fresh", env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = torch.load(tmp_path / "result.pt")
+    meta, got = result["meta"], result["probability"]
+    assert meta["size"] == size and meta["threshold"] == 0.4 and meta["kind"] == "teacher"
+    assert any("1e-6" in step and "std" in step for step in meta["preprocessing"])
+    x = torch.cat([predict.preprocess(g, size, torch.device("cpu")) for g in grey])
+    with torch.no_grad():
+        ref = kd.build_model(ckpt)(x).softmax(dim=1)[:, 1:]
+    assert got.shape == ref.shape == (3, 1, size, size)
+    assert (got - ref).abs().max().item() < 1e-4
+    assert ((ref - 0.4).abs() > 1e-3).float().mean() > 0.99 and ref.max() > 0.4  # a real, thresholdable output
+    loaded = torch.jit.load(str(path))
+    kinds = {m.original_name for m in loaded.modules()}
+    assert "Conv2d" in kinds and "BatchNorm2d" not in kinds  # folded
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    predict.main(["--checkpoint", str(teacher_ckpt), str(image_files[0]), "--out", str(tmp_path / "p"),
+                  "--export", str(path), "--device", "cpu"])
+    assert "checked on 1 of the images given" in capsys.readouterr().out
+
+
+def test_predict_export_bad_name_one_line_error(tmp_path, teacher_ckpt):
+    rc, _, err = script("predict.py", "--checkpoint", str(teacher_ckpt), "--export", str(tmp_path / "model.onnx"))
+    assert_one_line_error(rc, err, "--export", "model.onnx", ".ts")
+    (tmp_path / "dir.ts").mkdir()
+    with pytest.raises(data.UserError, match="--export .*is a folder"):
+        predict.main(["--checkpoint", str(teacher_ckpt), "--export", str(tmp_path / "dir.ts")])
+    assert not (tmp_path / "model.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- study.py

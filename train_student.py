@@ -41,7 +41,7 @@ import torch
 from data import UserError
 import kd
 from losses import dckd_loss, distillation_loss, supervised_loss, total_loss
-from models import ClassTeachers, Ensemble, Projector, Regressor, UNet, count_parameters
+from models import ClassTeachers, Ensemble, Projector, Regressor, UNet, count_parameters, fast_model
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("teacher", "out/teacher.pt", "teacher checkpoint written by train_teacher.py; several, comma-separated, "
@@ -66,6 +66,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("delta", 0.2, "DCKD: margin of L_rank in cosine distance"),
     ("teacher_flip", False, "distil the mean of the teacher's outputs on the image and its mirror image "
      "(a two-view ensemble: a stronger, smoother signal for the same teacher)"),
+    ("fast_teacher", False, "run the frozen teacher in its fast form (models.fast_model: BatchNorm folded, weights "
+     "in the autocast dtype): its outputs up to bf16 rounding, a cheaper distillation step"),
     ("width", 10, "student U-Net width w, levels w..16w: 10 = 0.76M params (the paper: 0.82M)"),
     ("aug", "strong", "student's augmentation (the teacher sees the same augmented batch)",
      ["none", "weak", "strong"]),
@@ -93,7 +95,7 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("split", str, "must match the teacher's"),
 ]
 SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed", "phantom_count", "split"]
-DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip", "route", "dckd_level", "lambda_con", "lambda_rank", "tau",
+DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip", "fast_teacher", "route", "dckd_level", "lambda_con", "lambda_rank", "tau",
                   "anchors", "negatives", "hard", "delta"}  # meaningless for the student alone
 PATHS = {"logits": ["logits"], "hidden": ["hidden"], "hidden_regressor": ["hidden_regressor"],
          "joint": ["logits", "hidden_regressor"]}  # the paper's pathways each pathway option sums
@@ -170,8 +172,9 @@ def run_tag(args, data, split, paths):
 
 # ----------------------------------------------------------------------------- 2. one training run
 
-def train(args, teacher, data, split, device, dtype, tag):
-    """Train one student (distilled, or alone with --pathway none) and return its checkpoint."""
+def train(args, teacher, n_teacher, data, split, device, dtype, tag):
+    """Train one student (distilled, or alone with --pathway none) from `teacher` (frozen; its fast
+    form with --fast_teacher), which has n_teacher parameters as trained; return its checkpoint."""
     images, masks = data.images.to(device), data.masks.to(device)
     student = kd.to_device(UNet(args.width), device)
     regressor = projector = None  # they learn with the student and are thrown away after: not saved with it
@@ -225,7 +228,7 @@ def train(args, teacher, data, split, device, dtype, tag):
     test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
     test.update(names=[data.names[i] for i in split["test"]], train_seconds=run["train_seconds"])
     ckpt = kd.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
-                              teacher=args.teacher, teacher_parameters=count_parameters(teacher),
+                              teacher=args.teacher, teacher_parameters=n_teacher,
                               epoch=run["best_epoch"], val=run["best_val"], test=test, stopped=run["stopped"],
                               precision=kd.precision_name(dtype), machine=kd.machine_name(device), tag=tag)
     kd.finish(args, ckpt, run["stopped"])
@@ -272,7 +275,7 @@ def student_alone(args, teacher, data, split, device, dtype, paths):
         print(f"student alone: {alone.out} was trained with other options or another split; training it again")
     print("\n--- the student alone, for comparison")
     kd.seed_everything(args.seed)  # the same initial weights as the distilled student
-    return train(alone, teacher, data, split, device, dtype, tag)
+    return train(alone, teacher, count_parameters(teacher), data, split, device, dtype, tag)
 
 
 # ----------------------------------------------------------------------------- 3. the report
@@ -280,10 +283,11 @@ def student_alone(args, teacher, data, split, device, dtype, paths):
 def report(teacher_test, n_teacher, students):
     """The table that shows what distillation did: teacher, student alone, distilled student."""
     dice = lambda r: 100 * r["dice"]
-    print(f"\n{'':26s} {'parameters':>10s}  {'test Dice':>9s}")
     rows = [("teacher", n_teacher, teacher_test)] + [(name, c["parameters"], c["test"]) for name, c in students]
+    w = max(len(name) for name, _, _ in rows) + 2
+    print(f"\n{'':{w}s}{'parameters':>10s}  {'test Dice':>9s}")
     for name, n, r in rows:
-        print(f"{name:26s} {kd.fmt_params(n):>10s}  {dice(r):9.2f}")
+        print(f"{name:{w}s}{kd.fmt_params(n):>10s}  {dice(r):9.2f}")
     if len(students) == 2:
         (_, alone), (_, distilled) = students
         gain, lead = dice(distilled["test"]) - dice(alone["test"]), dice(teacher_test) - dice(alone["test"])
@@ -315,16 +319,19 @@ def main(argv=None):
     else:
         teacher = members[0] if len(members) == 1 else Ensemble(members).eval()
     teacher = kd.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
+    distilling_teacher = fast_model(teacher, device, dtype) if args.fast_teacher else teacher
     widths = "+".join(str(t["model_config"]["width"]) for t in teacher_ckpts)
     print(f"teacher: {kd.fmt_params(count_parameters(teacher))} parameters (width {widths})")
 
     students = []
     if args.alone and args.pathway != "none":
         students.append(("student alone", student_alone(args, teacher, data, split, device, dtype, paths)))
-        print(f"\n--- the student distilled ({args.pathway}, {args.loss})")
+        print(f"\n--- the student distilled ({args.pathway})")
     kd.seed_everything(args.seed)
-    ckpt = train(args, teacher, data, split, device, dtype, run_tag(args, data, split, paths))
-    name = "student alone" if args.pathway == "none" else f"distilled ({args.pathway}, {args.loss})"
+    ckpt = train(args, distilling_teacher, count_parameters(teacher), data, split, device, dtype,
+                 run_tag(args, data, split, paths))
+    name = ("student alone" if args.pathway == "none" else "distilled (dckd)" if args.pathway == "dckd"
+            else f"distilled ({args.pathway}, {args.loss})")
     students.append((name, ckpt))
 
     teacher_test = evaluate_teacher(teacher, data, split, device, dtype, args)
