@@ -29,8 +29,9 @@ import torch.nn as nn
 import kd
 from data import UserError, make_phantom, normalize
 from kd import sync
-from losses import distillation_loss, supervised_loss, total_loss
-from models import UNet, count_parameters, fast_model, lesion_probability
+from losses import supervised_loss
+from models import ClassTeachers, UNet, count_parameters, fast_model, lesion_probability
+import train_student
 
 try:
     import resource  # peak RSS on Linux and macOS; not on Windows
@@ -51,11 +52,20 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("amp", "auto", "precision of training and of the fast inference: auto, bf16, fp16 or off (fp32)",
      ["auto", "bf16", "fp16", "off"]),
     ("compile", False, "also torch.compile the training forward passes and the fast inference model"),
+    ("methods", False, "also time the student's distillation step of each method (logits, logits with the fast "
+     "teacher, HR, T2KD with two class teachers, DCKD) at the same size, train_student.py's own steps"),
     ("profile", False, "also print the PyTorch profiler's table of the student's fast inference: where the time goes"),
     ("threads", 0, "CPU threads, 0 = torch's default (one per core); 1 is far faster on a busy machine"),
     ("peak_tflops", float, "the device's peak TFLOP/s for the share-of-peak column "
                            "(default: dense bf16 of known GPUs, n/a on CPUs); applies to every --device"),
 ]
+METHODS = {  # train_student.py's words for each distillation step --methods times
+    "logits": ["--pathway", "logits"],
+    "logits_fast_teacher": ["--pathway", "logits", "--fast_teacher"],
+    "hr": ["--pathway", "hidden_regressor"],
+    "t2kd": ["--pathway", "joint", "--sup", "wb"],  # from two class teachers, half the images each
+    "dckd": ["--pathway", "dckd"],
+}
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16 tensor cores; first match wins
 
 
@@ -216,12 +226,7 @@ def bench_device(device, args):
     def teacher_step(x, y):  # train_teacher.py's step
         return supervised_loss(t_fwd(x).float(), y)
 
-    def student_step(x, y):  # train_student.py's step, pathway logits, loss KLD, alpha 0.5
-        s_logits, s_feats = s_fwd(x, return_features=True)
-        l_sup = supervised_loss(s_logits.float(), y)
-        with torch.no_grad():
-            t_logits, t_feats = t_fwd(x, return_features=True)
-        return total_loss(distillation_loss("logits", "kld", s_logits, s_feats, t_logits, t_feats), l_sup, 0.5)
+    student_step, _ = distillation_step(student, s_fwd, t_fwd, METHODS["logits"], args, device, dtype)
 
     results = {}
     for who in ("student", "teacher"):  # the student first: on a CPU, memory is the process's peak so far
@@ -245,7 +250,33 @@ def bench_device(device, args):
         if args.profile and who == "student":
             profile_inference(model, images, device, dtype)
         print(f"  {device.type} {who}: {img_s:.1f} training img/s, fast inference {r['infer_ms_fast']:.2f} ms", flush=True)
+    if args.methods:
+        teacher.eval().requires_grad_(False)
+        for name, words in METHODS.items():
+            step, params = distillation_step(student, s_fwd, t_fwd, words, args, device, dtype)
+            img_s, _, _ = bench_training(student, step, images, masks, args, device, dtype, params)
+            results["student"][f"step_ms_{name}"] = 1000 * args.batch_size / img_s
     return results, dtype
+
+
+def distillation_step(student, s_fwd, teacher, words, args, device, dtype):
+    """train_student.py's own training step (train_student.make_step) for its command-line `words`,
+    with the regressor or projector it would train; with --pathway joint, two class teachers (two
+    copies of the teacher: the same cost), half the images routed to each. Returns (step(x, y) ->
+    loss, the parameters the step trains)."""
+    sargs, _ = kd.parse_args(train_student.OPTIONS, "", words)
+    if sargs.fast_teacher:
+        teacher = fast_model(teacher, device, dtype)
+    classes = None
+    if sargs.pathway == "joint":
+        teacher = ClassTeachers([teacher, copy.deepcopy(teacher)], ["benign", "malignant"]).eval()
+        classes = torch.arange(args.batch_size, device=device) % 2
+    regressor, projector = train_student.extra_modules(sargs, student, teacher, device)
+    extras = [m for m in (regressor, projector) if m is not None]
+    step = train_student.make_step(sargs, s_fwd, teacher, classes, regressor, projector)
+    idx = torch.arange(args.batch_size, device=device)
+    params = list(student.parameters()) + [p for m in extras for p in m.parameters()]
+    return (lambda x, y: step(x, y, idx[:len(x)])["loss"]), params
 
 
 # ----------------------------------------------------------------------------- main
@@ -269,13 +300,12 @@ def fmt(v, spec):
 def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns {device: {model: {metric: value}}}."""
     args, _ = kd.parse_args(OPTIONS, __doc__, argv)
-    for k in ("size", "batch_size", "teacher_width", "student_width", "steps", "repeats"):
+    kd.check_at_least(args)
+    for k in ("steps", "repeats"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} {getattr(args, k)}: must be at least 1")
     if args.warmup < int(args.compile):
         raise UserError(f"--warmup {args.warmup}: --compile needs at least 1, so compiling is not timed")
-    if args.size < 16:
-        raise UserError(f"--size {args.size}: must be at least 16 (the U-Net halves it four times)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_tflops is not None and not args.peak_tflops > 0:
@@ -314,6 +344,11 @@ def main(argv=None):
                   f"{s['infer_speedup_vs_teacher']:.1f}x the teacher's fast speed, "
                   f"{s['infer_speedup_vs_teacher_fp32']:.1f}x the teacher's plain fp32, "
                   f"{s['infer_speedup_vs_fp32']:.1f}x its own plain fp32")
+    for dev, res in all_results.items():
+        steps = {k[len("step_ms_"):]: v for k, v in res["student"].items() if k.startswith("step_ms_")}
+        if steps:
+            print(f"{dev}: the student's distillation step by method, ms per step of {args.batch_size} images "
+                  f"(x the logits step): " + ", ".join(f"{k} {v:.0f} ({v / steps['logits']:.2f}x)" for k, v in steps.items()))
     print()
     for dev, res in all_results.items():
         for who, r in res.items():

@@ -1085,7 +1085,7 @@ def image_files(tmp_path):
 
 def test_bench_results_positive_and_finite(capsys):
     results = bench.main(["--device", "cpu", "--size", "32", "--teacher_width", "4", "--student_width", "2",
-                          "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile"])
+                          "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile", "--methods"])
     out = capsys.readouterr().out
     assert "profile of 20 fast single-frame calls on cpu" in out and "aten::" in out  # the profiler's table
     lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
@@ -1098,6 +1098,8 @@ def test_bench_results_positive_and_finite(capsys):
         for metric in ("train_img_s", "train_tflops", "data_pct", "infer_ms_fp32", "infer_ms_fast", "fwd_gflop"):
             assert (who, "cpu", metric) in parsed, f"no {metric} for the {who}"
     assert ("student", "cpu", "infer_speedup_vs_teacher") in parsed
+    for method in bench.METHODS:  # every method's distillation step, train_student.py's own
+        assert ("student", "cpu", f"step_ms_{method}") in parsed
     assert all(math.isfinite(v) and v > 0 for v in parsed.values()), parsed
     assert ("teacher", "cpu", "train_peak_pct") not in parsed  # CPU peak unknown without --peak_tflops
     assert results["cpu"]["teacher"]["train_img_s"] == pytest.approx(parsed["teacher", "cpu", "train_img_s"], rel=1e-4)

@@ -172,33 +172,33 @@ def run_tag(args, data, split, paths):
 
 # ----------------------------------------------------------------------------- 2. one training run
 
-def train(args, teacher, n_teacher, data, split, device, dtype, tag):
-    """Train one student (distilled, or alone with --pathway none) from `teacher` (frozen; its fast
-    form with --fast_teacher), which has n_teacher parameters as trained; return its checkpoint."""
-    images, masks = data.images.to(device), data.masks.to(device)
-    student = kd.to_device(UNet(args.width), device)
-    regressor = projector = None  # they learn with the student and are thrown away after: not saved with it
+def extra_modules(args, student, teacher, device):
+    """(regressor, projector): what learns with the student for HR and for DCKD (else None). They
+    are thrown away after training: not counted in, nor saved with, the student."""
+    regressor = projector = None
     if "hidden_regressor" in PATHS.get(args.pathway, []):
         regressor = kd.to_device(Regressor(student.feature_channels["bottleneck"],
                                            teacher.feature_channels["bottleneck"]), device)
     if args.pathway == "dckd":
         projector = kd.to_device(Projector(student.feature_channels[args.dckd_level],
                                            teacher.feature_channels[args.dckd_level]), device)
-        anchor_generator = torch.Generator().manual_seed(args.seed)  # its own: the data stream stays as it is
-    extras = [m for m in (regressor, projector) if m is not None]
-    classes = class_indices(teacher, data, device)
-    print(f"student: {kd.fmt_params(count_parameters(student))} parameters (width {args.width}); "
-          f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
-          + f"; device {device}, precision {kd.precision_name(dtype)}")
-    student_fwd, teacher_fwd = kd.maybe_compile(student, args.compile), kd.maybe_compile(teacher, args.compile)
+    return regressor, projector
+
+
+def make_step(args, student, teacher, classes=None, regressor=None, projector=None):
+    """One training step of the student, step(x, y, idx) -> dict of losses ("loss" is minimised):
+    what --pathway, --loss, --sup and the rest of `args` say. `teacher` is frozen; with class
+    teachers, classes[idx] is each image's teacher. The regressor (HR) and the projector (DCKD)
+    learn with the student."""
+    anchor_generator = torch.Generator().manual_seed(args.seed)  # DCKD's own: the data stream stays as it is
 
     def teach(x, idx):
         if classes is None:
-            return teacher_fwd(x, return_features=True)
-        return teacher_fwd(x, classes[idx], return_features=True)  # each image to its class's teacher
+            return teacher(x, return_features=True)
+        return teacher(x, classes[idx], return_features=True)  # each image to its class's teacher
 
     def step(x, y, idx):
-        s_logits, s_feats = student_fwd(x, return_features=True)
+        s_logits, s_feats = student(x, return_features=True)
         l_sup = supervised_loss(s_logits.float(), y, args.dice_weight, args.sup)
         if args.pathway == "none":
             return dict(loss=l_sup)
@@ -220,6 +220,21 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag):
                    for p in PATHS[args.pathway])
         return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
 
+    return step
+
+
+def train(args, teacher, n_teacher, data, split, device, dtype, tag):
+    """Train one student (distilled, or alone with --pathway none) from `teacher` (frozen; its fast
+    form with --fast_teacher), which has n_teacher parameters as trained; return its checkpoint."""
+    images, masks = data.images.to(device), data.masks.to(device)
+    student = kd.to_device(UNet(args.width), device)
+    regressor, projector = extra_modules(args, student, teacher, device)
+    extras = [m for m in (regressor, projector) if m is not None]
+    print(f"student: {kd.fmt_params(count_parameters(student))} parameters (width {args.width}); "
+          f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
+          + f"; device {device}, precision {kd.precision_name(dtype)}")
+    step = make_step(args, kd.maybe_compile(student, args.compile), kd.maybe_compile(teacher, args.compile),
+                     class_indices(teacher, data, device), regressor, projector)
     run = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
                  epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, aug=args.aug,
                  seed=args.seed, dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
