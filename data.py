@@ -131,19 +131,39 @@ def _natural(stem):
     return (stem.split("(")[0], int(digits) if digits else -1, stem)
 
 
+FOLDER_LAYOUTS = [("images", "masks"), ("original", "GT")]  # (images, masks) folder names, any letter case
+
+
+def _subfolder(root, name):
+    """root/name if root holds a folder of that name in any letter case (GT, gt, Gt), else None."""
+    found = [d for d in os.listdir(root) if d.lower() == name.lower() and os.path.isdir(os.path.join(root, d))]
+    return os.path.join(root, found[0]) if found else None
+
+
+def folder_layout(root):
+    """(images folder, masks folder) of `root` in one of FOLDER_LAYOUTS, or None."""
+    for images, masks in FOLDER_LAYOUTS:
+        pair = _subfolder(root, images), _subfolder(root, masks)
+        if all(pair):
+            return pair
+    return None
+
+
 def load_folder(root, size=224):
-    """A generic layout: root/images/NAME.ext and root/masks/NAME.ext (any PIL format), matched
-    by file name without extension; a mask may also be named NAME_mask.ext. This is the layout
-    of the UDIAT "Dataset B" used by the main paper and of most users' own data. Images are
-    stratified by whether their mask holds a lesion."""
-    img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
-    mask_files = {os.path.splitext(f)[0]: f for f in _listdir(mask_dir)}
+    """Images and masks in two folders: root/images/ + root/masks/ (most users' own data), or
+    root/original/ + root/GT/ (the UDIAT "Dataset B" of the main paper, as it is distributed);
+    folder names in any letter case. An image NAME.ext (any format Pillow reads) is matched to the
+    mask NAME.*, NAME_mask.* or NAME_GT.* (letter case of the suffix free); masks may be 0/255,
+    0/1, grey, RGB or 1-bit. Images are stratified by whether their mask holds a lesion."""
+    img_dir, mask_dir = folder_layout(root)
+    mask_files = {os.path.splitext(f)[0].lower(): f for f in _listdir(mask_dir)}
     pairs, names, labels = [], [], []
     for f in _listdir(img_dir):
         stem = os.path.splitext(f)[0]
-        m = mask_files.get(stem) or mask_files.get(stem + "_mask")
+        m = next((mask_files[k] for k in (stem.lower(), stem.lower() + "_mask", stem.lower() + "_gt") if k in mask_files), None)
         if m is None:
-            raise UserError(f"{os.path.join(img_dir, f)}: no mask named {stem}.* in {mask_dir}; add it or remove the image")
+            raise UserError(f"{os.path.join(img_dir, f)}: no mask named {stem}.*, {stem}_mask.* or {stem}_GT.* "
+                            f"in {mask_dir}; add it or remove the image")
         pairs.append(_load_pair(os.path.join(img_dir, f), [os.path.join(mask_dir, m)], size))
         names.append(f)
         labels.append("lesion" if pairs[-1][1].any() else "empty")
@@ -153,18 +173,20 @@ def load_folder(root, size=224):
 
 
 def load_data(path, classes=("benign", "malignant"), size=224, phantom_count=240, seed=0):
-    """`path` is "phantom", a BUSI folder, or a folder holding images/ and masks/."""
+    """`path` is "phantom" (the built-in phantom), or a folder, recognised by what it holds:
+    benign/, malignant/ or normal/ -> BUSI (load_busi); images/ + masks/ or original/ + GT/ ->
+    load_folder."""
     if path == "phantom":
         return make_phantom(phantom_count, size, seed, classes)
     if not os.path.isdir(path):
         raise UserError(f"--data {path}: folder not found; give the Dataset_BUSI_with_GT folder, "
-                        f"a folder with images/ and masks/, or 'phantom'")
+                        f"a folder with images/ and masks/ (or original/ and GT/), or 'phantom'")
     if any(os.path.isdir(os.path.join(path, c)) for c in BUSI_CLASSES):
         return load_busi(path, classes, size)
-    if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, "masks")):
+    if folder_layout(path):
         return load_folder(path, size)
-    raise UserError(f"--data {path}: neither BUSI's layout (benign/ malignant/ normal/) "
-                    f"nor images/ + masks/ inside it")
+    raise UserError(f"--data {path}: none of the layouts recognised inside it: BUSI's (benign/ malignant/ normal/), "
+                    f"images/ + masks/, or original/ + GT/")
 
 
 # ----------------------------------------------------------------------------- the phantom

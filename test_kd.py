@@ -466,6 +466,31 @@ def test_fingerprint_sees_images_and_masks():
     assert a.fingerprint() != c.fingerprint()
 
 
+def test_original_and_gt_layout(tmp_path):
+    """UDIAT's layout as it comes: original/ + GT/, here with other letter cases, formats and mask encodings."""
+    (tmp_path / "Original").mkdir()
+    (tmp_path / "gt").mkdir()
+    lesion = np.zeros((20, 24), np.uint8)
+    lesion[5:12, 6:15] = 1
+    grey = (np.arange(20 * 24).reshape(20, 24) % 251).astype(np.uint8)
+    save_png(tmp_path / "Original" / "000001.png", grey)
+    Image.fromarray(grey).save(tmp_path / "Original" / "000002.bmp")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "Original" / "000003.jpg")
+    save_png(tmp_path / "gt" / "000001.png", lesion * 255)                          # 0/255
+    save_png(tmp_path / "gt" / "000002_GT.png", lesion)                             # 0/1
+    Image.fromarray(np.stack([lesion * 255] * 3, -1)).save(tmp_path / "gt" / "000003_mask.png")  # RGB
+    d = data.load_data(str(tmp_path), size=20)
+    assert d.names == ["000001.png", "000002.bmp", "000003.jpg"] and d.source == "folder"
+    want = np.asarray(Image.fromarray(lesion * 255).resize((20, 20), Image.NEAREST)) // 255
+    assert all(np.array_equal(m[0].numpy(), want) for m in d.masks)
+    (tmp_path / "gt" / "000002_GT.png").unlink()
+    with pytest.raises(UserError, match="000002.bmp: no mask named 000002"):
+        data.load_data(str(tmp_path), size=20)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UserError, match="original/ \\+ GT/"):
+        data.load_data(str(tmp_path / "other"))
+
+
 def test_phantom_is_deterministic_binary_and_labelled():
     a, b = data.make_phantom(6, 48, seed=3), data.make_phantom(6, 48, seed=3)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
