@@ -197,14 +197,80 @@ def _smooth_noise(g, size, cells):
                          mode="bicubic", align_corners=False)[0, 0].clamp(-2, 2) / 2
 
 
+def _blob(x, y, cx, cy, r, aspect, harmonics, angle=0.0):
+    """Inside of an outline r * (1 + sum_k a_k cos(k theta + phi_k)) around (cx, cy), aspect =
+    width / height, tilted by `angle`: a bool map. harmonics: [(k, a_k, phi_k), ...]."""
+    dx, dy = x - cx, y - cy
+    dx, dy = dx * math.cos(angle) + dy * math.sin(angle), -dx * math.sin(angle) + dy * math.cos(angle)
+    theta = torch.atan2(dy, dx / aspect)
+    edge = torch.ones_like(theta)
+    for k, a, phi in harmonics:
+        edge = edge + a * torch.cos(k * theta + phi)
+    return torch.sqrt((dx / aspect) ** 2 + dy ** 2) < r * edge.clamp(min=0.3)
+
+
+def _lesion(u, x, y, cls):
+    """One lesion's mask, and how echogenic it is. Radii are log-uniform, as lesion sizes in BUSI
+    are skewed to the small (areas from about 0.3% to 30% of the image); a third of the lesions are
+    placed near a side edge, where some leave the image. benign: oval, wider than tall ("parallel"
+    to the skin), smooth or gently lobulated; malignant: irregular, microlobulated and spiculated
+    (many sharp harmonics), often taller than wide. About a third are isoechoic, barely darker than
+    the tissue around them."""
+    r = math.exp(u(math.log(0.03), math.log(0.3)))
+    cx = u(0.0, 0.15) if u(0, 1) < 1 / 6 else u(0.85, 1.0) if u(0, 1) < 0.2 else u(0.15, 0.85)
+    cy = u(0.25, 0.7)
+    if cls == "benign":
+        aspect, harmonics = u(1.2, 2.0), [(k, u(0, 0.08), u(0, 2 * math.pi)) for k in (2, 3, 4)]
+    else:
+        aspect = u(0.7, 1.3)
+        harmonics = [(k, u(0.02, 0.1) * 3 / k ** 0.5, u(0, 2 * math.pi)) for k in (2, 3, 5, 7, 9, 11)]
+        harmonics += [(k, u(0.0, 0.08), u(0, 2 * math.pi)) for k in (17, 23, 29)]  # spicules
+    mask = _blob(x, y, cx, cy, r, aspect, harmonics, u(-0.3, 0.3))
+    if not mask.any():  # a tiny lesion between pixel centres: keep its centre pixel
+        size = x.shape[0]
+        mask[min(size - 1, round(cy * (size - 1))), min(size - 1, round(cx * (size - 1)))] = True
+    return mask, u(0.05, 0.25) if u(0, 1) < 1 / 3 else u(0.5, 0.85)  # isoechoic or hypoechoic
+
+
+def _posterior(tissue, mask, gain):
+    """Posterior acoustic enhancement (gain > 0: cysts, many benign masses) or shadowing (gain < 0:
+    many carcinomas): from the lesion's lower edge downwards, in the lesion's columns, fading with depth."""
+    size = mask.shape[0]
+    rows = torch.arange(size).view(-1, 1).expand(size, size)
+    bottom = torch.where(mask, rows, -1).max(dim=0).values  # per column the lesion's lowest row
+    below = (rows > bottom) & (bottom >= 0)
+    fade = torch.exp(-(rows - bottom).clamp(min=0) / (0.35 * size))
+    effect = F.avg_pool2d((below * fade)[None, None].float(), (1, 5), 1, (0, 2))[0, 0]  # soft column edges
+    return tissue * (1 + gain * effect)
+
+
+def _calipers(image, points, size):
+    """The sonographer's measurement marks: small bright '+' crosses (in real BUSI in about 300
+    images), drawn after compression at (x, y) points, fractions of the image."""
+    arm = max(1, size // 60)
+    for px, py in points:
+        cx, cy = (min(size - 1, max(0, round(p * (size - 1)))) for p in (px, py))
+        image[max(0, cy - arm):cy + arm + 1, cx] = 1.0
+        image[cy, max(0, cx - arm):cx + arm + 1] = 1.0
+    return image
+
+
 def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
-    """Synthetic B-mode breast ultrasound, no download needed. Per image:
-    tissue layers (skin, fat, glandular tissue, chest wall) with a smooth texture, one hypoechoic
-    (dark) lesion, speckle (the magnitude of low-pass complex Gaussian noise: Rayleigh
-    statistics, as in real echo), depth attenuation, and log compression to 8 bits.
-    benign: smooth oval, wider than tall, slight posterior enhancement (brighter below it);
-    malignant: irregular, spiculated outline, often taller than wide, posterior acoustic shadow;
-    normal (opt-in): no lesion. Deterministic from `seed`. Sizes vary from tiny to large lesions.
+    """Synthetic B-mode breast ultrasound, no download needed, deterministic from `seed`. Per image,
+    each element imitating what real scans show:
+      tissue    skin (bright line), subcutaneous fat (dark), glandular tissue (bright, textured),
+                pectoral muscle and chest wall (darker), with wavy boundaries;
+      lesion    one per benign or malignant image (none for normal, opt-in): see _lesion for its
+                size, place, outline and echogenicity; isoechoic ones often have a thin echogenic
+                rim (halo), and every lesion its own internal echo texture;
+      posterior enhancement below benign lesions, shadowing below malignant ones, from the lesion's
+                lower edge (_posterior);
+      dark look-alikes that are not lesions: fat lobules (flat dark ovals in the fat layer, in
+                every class), a poor-contact shadow (a dark band from the skin down) in 1 image in 5,
+                a rib (bright arc with a shadow below it) under the chest wall in 1 in 4;
+      speckle   the magnitude of low-pass complex Gaussian noise (Rayleigh statistics, as real echo),
+                depth attenuation, log compression to 8 bits;
+      calipers  bright '+' marks beside the lesion's ends in 1 image in 3 (_calipers).
     """
     g = torch.Generator().manual_seed(seed)
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()
@@ -212,38 +278,42 @@ def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
     pairs, names, labels = [], [], []
     for i in range(count):
         cls = classes[i % len(classes)]
-        # tissue layers whose wavy boundaries depend on x
-        fat_end = 0.18 + 0.08 * _smooth_noise(g, size, 3)[0] + u(0, 0.08)
-        wall = 0.78 + 0.08 * _smooth_noise(g, size, 3)[0] + u(-0.05, 0.1)
+        fat_end = 0.2 + 0.08 * _smooth_noise(g, size, 3)[0] + u(0, 0.08)
+        wall = 0.8 + 0.06 * _smooth_noise(g, size, 3)[0] + u(-0.05, 0.08)
         tissue = torch.where(y < 0.03, 1.0, torch.where(y < fat_end, 0.35, torch.where(y < wall, 0.75, 0.4)))
         tissue = tissue * (1 + 0.35 * _smooth_noise(g, size, 12))
+        for _ in range(int(u(0, 4))):  # fat lobules: dark, flat, in the fat layer
+            lobule = _blob(x, y, u(0, 1), u(0.06, 0.18), u(0.02, 0.06), u(2, 3.5), [(2, u(0, 0.1), u(0, 6.3))])
+            tissue = tissue * (1 - u(0.3, 0.55) * (lobule & (y < fat_end)))
         mask = torch.zeros(size, size, dtype=torch.bool)
         if cls != "normal":
-            cy, cx, r = u(0.3, 0.62), u(0.25, 0.75), u(0.04, 0.2)
-            aspect = u(1.2, 1.8) if cls == "benign" else u(0.7, 1.3)  # width / height
-            angle = torch.atan2(y - cy, (x - cx) / aspect)
-            dist = torch.sqrt(((x - cx) / aspect) ** 2 + (y - cy) ** 2)
-            edge = torch.ones_like(angle)
-            for k in ([1, 2] if cls == "benign" else [2, 3, 5, 7, 9, 11]):  # outline harmonics
-                amp = u(0, 0.06) if cls == "benign" else u(0.03, 0.12) * 3 / k ** 0.5
-                edge = edge + amp * torch.cos(k * angle + u(0, 2 * math.pi))
-            mask = dist < r * edge.clamp(min=0.5)
-            below = (y > cy) & ((x - cx).abs() < r * aspect * 0.9)
-            fade = torch.exp(-(y - cy) / 0.3)
-            tissue = tissue * torch.where(below, 1 - u(0.4, 0.7) * fade if cls == "malignant"
-                                          else 1 + u(0.1, 0.3) * fade, torch.ones(()))
-            inside = F.avg_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0]  # soft edge
-            tissue = tissue * (1 - inside * u(0.55, 0.85))
+            mask, darkening = _lesion(u, x, y, cls)
+            tissue = _posterior(tissue, mask, u(0.15, 0.4) if cls == "benign" else -u(0.3, 0.7))
+            inside = F.avg_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0]  # a soft edge
+            texture = 1 + 0.25 * _smooth_noise(g, size, 24)  # internal echoes
+            tissue = tissue * (1 - inside * darkening) * torch.where(mask, texture, torch.ones(()))
+            if darkening < 0.3 and u(0, 1) < 0.6:  # an isoechoic lesion's echogenic rim
+                ring = F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0].bool() & ~mask
+                tissue = tissue * (1 + u(0.3, 0.6) * ring)
+        if u(0, 1) < 0.2:  # poor probe contact: a dark band from the skin down
+            band = ((x - u(0, 1)).abs() < u(0.02, 0.06))
+            tissue = tissue * (1 - u(0.4, 0.7) * band)
+        if u(0, 1) < 0.25:  # a rib under the chest wall: bright arc, dark shadow below it
+            rib = _blob(x, y, u(0.2, 0.8), u(0.9, 0.97), u(0.06, 0.12), u(2, 3), [])
+            surface = rib & ~torch.roll(rib, max(1, size // 60), dims=0)  # bone reflects at its top ...
+            tissue = _posterior(tissue * (1 + 2 * surface), surface, -0.85)  # ... and shadows below
         grain = max(1, size // 112)  # speckle grain about 2 pixels at 224 px
-        noise = torch.randn(2, 1, size, size, generator=g)
-        noise = F.avg_pool2d(noise, 2 * grain + 1, 1, grain)
+        noise = F.avg_pool2d(torch.randn(2, 1, size, size, generator=g), 2 * grain + 1, 1, grain)
         speckle = noise.pow(2).sum(0)[0].sqrt()
-        speckle = speckle / speckle.mean()
-        echo = tissue * speckle * torch.exp(-u(0.6, 1.6) * y)
-        image = torch.log1p(30 * echo.clamp(min=0)) / math.log1p(30 * 2.5)
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        m = mask.numpy().astype(np.uint8)
-        pairs.append((image, m, hashlib.sha1(image.tobytes()).hexdigest()))
+        echo = tissue * speckle / speckle.mean() * torch.exp(-u(0.6, 1.6) * y)
+        image = (torch.log1p(30 * echo.clamp(min=0)) / math.log1p(30 * 2.5)).clamp(0, 1)
+        if mask.any() and u(0, 1) < 1 / 3:  # calipers at the lesion's left and right ends
+            cols = mask.any(dim=0).nonzero()[:, 0].float() / (size - 1)
+            rows = mask.any(dim=1).nonzero()[:, 0].float() / (size - 1)
+            mid = (rows.min() + rows.max()).item() / 2
+            image = _calipers(image, [(cols.min().item() - 0.04, mid), (cols.max().item() + 0.04, mid)], size)
+        image = (image * 255).round().to(torch.uint8).numpy()
+        pairs.append((image, mask.numpy().astype(np.uint8), hashlib.sha1(image.tobytes()).hexdigest()))
         names.append(f"phantom/{cls} ({i}).png")
         labels.append(cls)
     return _stack(pairs, names, labels, "phantom")

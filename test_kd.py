@@ -501,6 +501,26 @@ def test_phantom_is_deterministic_binary_and_labelled():
     assert n.labels == ["benign", "normal"] * 2 and n.masks[1].sum() == 0 and n.masks[0].sum() > 0
 
 
+def test_phantom_lesions_spread_like_busi_and_reach_the_border():
+    d = data.make_phantom(120, 64, 0)
+    area = d.masks.float().mean(dim=(1, 2, 3))
+    assert (area < 0.02).float().mean() >= 0.25 and (area > 0.10).any()  # many small lesions, some large
+    sides = d.masks[:, 0, :, 0].any(1) | d.masks[:, 0, :, -1].any(1)
+    assert 0.05 < sides.float().mean() < 0.6  # some lesions leave the image at a side
+
+
+def test_posterior_effect_starts_at_the_lesions_lower_edge():
+    mask = torch.zeros(40, 40, dtype=torch.bool)
+    mask[10:20, 15:25] = True
+    tissue = torch.ones(40, 40)
+    shadow = data._posterior(tissue, mask, -0.5)
+    assert torch.equal(shadow[:20], tissue[:20])            # nothing at or above the lesion's lower edge
+    assert (shadow[20:26, 17:23] < 0.8).all() and (shadow[20:, 15:25] < 1).all()  # darker below it, in its columns
+    assert torch.equal(shadow[:, :12], tissue[:, :12])       # and nowhere beside it
+    assert shadow[21, 20] < shadow[39, 20]                   # fading with depth
+    assert (data._posterior(tissue, mask, 0.3)[20:, 17:23] > 1.05).all()  # enhancement: brighter
+
+
 def test_augmentation_moves_image_and_mask_together():
     torch.manual_seed(0)
     y = data.make_phantom(8, 48, 0).masks
@@ -1085,10 +1105,10 @@ def randomise_batchnorm(model, seed=0):
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
-    """A tiny teacher trained just enough (3 s) to find lesions: after one epoch its masks are empty."""
+    """A small teacher trained just enough (about 6 s) to find lesions: after a few epochs its masks are empty."""
     path = tmp_path_factory.mktemp("ckpt") / "t.pt"
-    train_teacher.main(["--data", "phantom", "--phantom_count", "24", "--size", "32", "--width", "4", "--epochs", "8",
-                        "--lr", "3e-3", "--aug", "none", "--batch_size", "4", "--out", str(path)])
+    train_teacher.main(["--data", "phantom", "--phantom_count", "48", "--size", "32", "--width", "8", "--epochs", "20",
+                        "--lr", "3e-3", "--aug", "none", "--batch_size", "4", "--device", "cpu", "--out", str(path)])
     return path
 
 
