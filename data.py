@@ -214,8 +214,8 @@ def _lesion(u, x, y, cls):
     are skewed to the small (areas from about 0.3% to 30% of the image); a third of the lesions are
     placed near a side edge, where some leave the image. benign: oval, wider than tall ("parallel"
     to the skin), smooth or gently lobulated; malignant: irregular, microlobulated and spiculated
-    (many sharp harmonics), often taller than wide. About a third are isoechoic, barely darker than
-    the tissue around them."""
+    (many sharp harmonics), often taller than wide. Most are hypoechoic (dark); one in five is
+    isoechoic, barely darker than the tissue around it."""
     r = math.exp(u(math.log(0.03), math.log(0.3)))
     cx = u(0.0, 0.15) if u(0, 1) < 1 / 6 else u(0.85, 1.0) if u(0, 1) < 0.2 else u(0.15, 0.85)
     cy = u(0.25, 0.7)
@@ -229,7 +229,7 @@ def _lesion(u, x, y, cls):
     if not mask.any():  # a tiny lesion between pixel centres: keep its centre pixel
         size = x.shape[0]
         mask[min(size - 1, round(cy * (size - 1))), min(size - 1, round(cx * (size - 1)))] = True
-    return mask, u(0.05, 0.25) if u(0, 1) < 1 / 3 else u(0.5, 0.85)  # isoechoic or hypoechoic
+    return mask, u(0.05, 0.25) if u(0, 1) < 0.2 else u(0.55, 0.9)  # isoechoic or hypoechoic
 
 
 def _posterior(tissue, mask, gain):

@@ -99,7 +99,7 @@ DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip", "fast_teacher", "route",
                   "anchors", "negatives", "hard", "delta"}  # meaningless for the student alone
 PATHS = {"logits": ["logits"], "hidden": ["hidden"], "hidden_regressor": ["hidden_regressor"],
          "joint": ["logits", "hidden_regressor"]}  # the paper's pathways each pathway option sums
-PHANTOM_DEMO = dict(epochs=15, batch_size=8)  # about a CPU minute per student, on the phantom
+PHANTOM_DEMO = dict(epochs=16, batch_size=8, lr=1e-3)  # on the phantom: as train_teacher.py's
 
 
 # ----------------------------------------------------------------------------- 1. teachers and their split
