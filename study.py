@@ -60,6 +60,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("compile", False, "torch.compile the training forward passes"),
     ("n_perm", 10000, "random sign flips of the permutation test when there are more than 20 pairs"),
     ("perm_seed", 0, "seed of those sign flips"),
+    ("table_only", False, "train nothing: print the table from the records already in --out (a part of the "
+                          "runs, or all of them)"),
     ("pictures", 4, "test images of the first fold shown in pictures.png (0: no picture)"),
     ("out", "out/study", "the study folder: runs, checkpoints, table.md, results.json, pictures.png"),
 ]
@@ -313,7 +315,10 @@ def verdict(gain):
     return "above 0" if low > 0 else "below 0" if high < 0 else "too close to call"
 
 
-def format_table(summary, args, folds, seeds):
+def format_table(summary, args):
+    """The markdown table of summarise's rows, and what it is: data, folds and seeds of its records."""
+    folds = sorted({f for s in summary.values() for f in s["folds"]})
+    seeds = sorted({x for s in summary.values() for x in s["seeds"]})
     pct = lambda x: f"{100 * x:.2f}"
     signed = lambda x: f"{100 * x:+.2f}"
     lines = ["| Row | Runs | Dice % (mean ± sd over runs) | Val Dice % | Gain over Student alone [95% CI] "
@@ -470,6 +475,14 @@ def main(argv=None):
     try:
         for f in folds:
             for s in seeds:
+                if args.table_only:  # the records there are, students only with the teachers they were made from
+                    t_recs = {t: stored(t, f, s, args) for t in rows if "aug" in ROWS[t]}
+                    for r in rows:
+                        ok = all(t_recs.get(t) for t in teachers_of(r))
+                        rec = t_recs.get(r) if "aug" in ROWS[r] else stored(r, f, s, args, t_recs) if ok else None
+                        if rec is not None:
+                            records[r, f, s] = rec
+                    continue
                 teachers = [r for r in rows if "aug" in ROWS[r]]
                 t_recs = {t: stored(t, f, s, args) for t in teachers}
                 pending = [r for r in rows if r not in teachers and (any(t_recs[t] is None for t in teachers_of(r))
@@ -495,8 +508,10 @@ def main(argv=None):
     if len(fingerprints) > 1:
         raise UserError(f"{args.out}: its records were made from {len(fingerprints)} different data sets (or sizes); "
                         f"keep one study folder per data set")
+    if not records:
+        raise UserError(f"--out {args.out}: no records of these folds, seeds and rows there; run without --table_only")
     summary = summarise(records, rows, args.n_perm, args.perm_seed)
-    table = format_table(summary, args, folds, seeds)
+    table = format_table(summary, args)
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(table + "\n")
     options = {k: v for k, v in vars(args).items() if k != "precisions_seen"}

@@ -466,7 +466,7 @@ def test_fingerprint_sees_images_and_masks():
     assert a.fingerprint() != c.fingerprint()
 
 
-def test_original_and_gt_layout(tmp_path):
+def test_original_and_gt_folder_layout(tmp_path):
     """UDIAT's layout as it comes: original/ + GT/, here with other letter cases, formats and mask encodings."""
     (tmp_path / "Original").mkdir()
     (tmp_path / "gt").mkdir()
@@ -486,9 +486,13 @@ def test_original_and_gt_layout(tmp_path):
     (tmp_path / "gt" / "000002_GT.png").unlink()
     with pytest.raises(UserError, match="000002.bmp: no mask named 000002"):
         data.load_data(str(tmp_path), size=20)
-    (tmp_path / "other").mkdir()
-    with pytest.raises(UserError, match="original/ \\+ GT/"):
+    (tmp_path / "other" / "Original").mkdir(parents=True)
+    (tmp_path / "other" / "labels").mkdir()  # a masks folder under a name of no layout
+    with pytest.raises(UserError) as e:
         data.load_data(str(tmp_path / "other"))
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in ("benign/", "images/ + masks/", "original/ + GT/"))
+    with pytest.raises(UserError, match="original/ \\+ GT/"):
+        data.load_folder(str(tmp_path / "other"))
 
 
 def test_phantom_is_deterministic_binary_and_labelled():
@@ -499,17 +503,43 @@ def test_phantom_is_deterministic_binary_and_labelled():
     assert all(m.sum() > 0 for m in a.masks)  # benign and malignant: every image holds a lesion
     n = data.make_phantom(4, 48, 0, ("benign", "normal"))
     assert n.labels == ["benign", "normal"] * 2 and n.masks[1].sum() == 0 and n.masks[0].sum() > 0
+    assert a.images.dtype == torch.uint8 and a.images.shape == (6, 1, 48, 48) and a.masks.dtype == torch.uint8
+
+
+def test_phantom_leaves_the_thread_count_as_it_was():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data.make_phantom(2, 32, 0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_phantom_lesions_spread_like_busi_and_reach_the_border():
     d = data.make_phantom(120, 64, 0)
     area = d.masks.float().mean(dim=(1, 2, 3))
-    assert (area < 0.02).float().mean() >= 0.25 and (area > 0.10).any()  # many small lesions, some large
+    assert (area < 0.02).float().mean() >= 0.25 and (area > 0.10).float().mean() >= 0.1  # many small, some large
+    assert (area < 0.01).any() and area.max() < 0.5  # from well under 1% of the image to about a third
     sides = d.masks[:, 0, :, 0].any(1) | d.masks[:, 0, :, -1].any(1)
-    assert 0.05 < sides.float().mean() < 0.6  # some lesions leave the image at a side
+    assert 0.05 < sides.float().mean() < 0.35  # some lesions leave the image at a side, most lie inside
 
 
-def test_posterior_effect_starts_at_the_lesions_lower_edge():
+def test_phantom_holds_dark_look_alikes_that_are_not_lesions():
+    parts = list(data._phantom_images(60, 64, 0, ("benign", "malignant", "normal")))
+    d = data.make_phantom(60, 64, 0, ("benign", "malignant", "normal"))
+    for i, (cls, image, mask, dark) in enumerate(parts):  # the phantom's own images, one by one
+        assert cls == d.labels[i] and np.array_equal(image, d.images[i, 0].numpy())
+        assert torch.equal(mask, d.masks[i, 0].bool()) and not (dark & mask).any()  # never lesion
+        if dark.any():  # darker than what lies beside them in the same rows
+            img, rows = torch.from_numpy(image).float(), dark.any(1)
+            assert img[dark].mean() < img[rows][~(dark | mask)[rows]].mean()
+    for cls in ("benign", "normal"):
+        share = np.mean([dark.any().item() for c, _, _, dark in parts if c == cls])
+        assert 0.3 <= share < 1  # in many images of the class, not in every one
+
+
+def test_phantom_posterior_effect_starts_at_the_lesions_lower_edge():
     mask = torch.zeros(40, 40, dtype=torch.bool)
     mask[10:20, 15:25] = True
     tissue = torch.ones(40, 40)
@@ -1503,7 +1533,7 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert s["teacher_lead"] == pytest.approx(0.5) and s["share_of_lead"] == pytest.approx(0.5)
     assert s["pairs_vs_student"] == 48 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
     assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
-    assert "| L_KLD | 4 |" in study.format_table(summary, study.kd.parse_args(study.OPTIONS, "", [])[0], [0, 1], [0, 1])
+    assert "| L_KLD | 4 |" in study.format_table(summary, study.kd.parse_args(study.OPTIONS, "", [])[0])
 
 
 # ----------------------------------------------------------------------------- the study, end to end
@@ -1538,6 +1568,9 @@ def test_study_end_to_end_resumes_and_draws(tmp_path):
     for p in glob.glob(os.path.join(out, "fold1", "seed0", "*.pt")):
         os.remove(p)
     assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == []
+    # --table_only trains nothing and prints the table of the records there are
+    only = study.main(STUDY_TINY + ["--out", out, "--pictures", "0", "--table_only", "--seeds", "0,1"])
+    assert only["ran"] == [] and only["table"] == res["table"]
     # a run killed before its record was written runs again, and only it
     os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
     assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == [("H_MSE", 0, 0)]
