@@ -152,15 +152,21 @@ def folder_layout(root):
 def load_folder(root, size=224):
     """Images and masks in two folders: root/images/ + root/masks/ (most users' own data), or
     root/original/ + root/GT/ (the UDIAT "Dataset B" of the main paper, as it is distributed);
-    folder names in any letter case. An image NAME.ext (any format Pillow reads) is matched to the
-    mask NAME.*, NAME_mask.* or NAME_GT.* (letter case of the suffix free); masks may be 0/255,
-    0/1, grey, RGB or 1-bit. Images are stratified by whether their mask holds a lesion."""
-    img_dir, mask_dir = folder_layout(root)
+    folder names in any letter case (Images/ + Masks/, Original/ + gt/ ...), the pairs tried in
+    that order (FOLDER_LAYOUTS). Every file of the images folder is an image (any format Pillow
+    reads), NAME.ext matched to the first of the masks NAME.*, NAME_mask.*, NAME_GT.* (any
+    extension, names compared in any letter case); mask files without an image are ignored. Masks
+    may be 0/255, 0/1, grey, RGB or 1-bit. Images are stratified by whether their mask holds a lesion."""
+    layout = folder_layout(root) if os.path.isdir(root) else None
+    if layout is None:
+        raise UserError(f"{root}: no images/ + masks/ or original/ + GT/ folders in it (any letter case)")
+    img_dir, mask_dir = layout
     mask_files = {os.path.splitext(f)[0].lower(): f for f in _listdir(mask_dir)}
     pairs, names, labels = [], [], []
     for f in _listdir(img_dir):
         stem = os.path.splitext(f)[0]
-        m = next((mask_files[k] for k in (stem.lower(), stem.lower() + "_mask", stem.lower() + "_gt") if k in mask_files), None)
+        names = [stem.lower() + suffix for suffix in ("", "_mask", "_gt")]
+        m = next((mask_files[k] for k in names if k in mask_files), None)
         if m is None:
             raise UserError(f"{os.path.join(img_dir, f)}: no mask named {stem}.*, {stem}_mask.* or {stem}_GT.* "
                             f"in {mask_dir}; add it or remove the image")
@@ -173,9 +179,12 @@ def load_folder(root, size=224):
 
 
 def load_data(path, classes=("benign", "malignant"), size=224, phantom_count=240, seed=0):
-    """`path` is "phantom" (the built-in phantom), or a folder, recognised by what it holds:
-    benign/, malignant/ or normal/ -> BUSI (load_busi); images/ + masks/ or original/ + GT/ ->
-    load_folder."""
+    """`path` is "phantom" (the built-in phantom), or a folder, recognised by the names of the
+    folders directly inside it, in this order:
+      1. a folder benign/, malignant/ or normal/ (BUSI's own lower-case names) -> load_busi;
+      2. images/ + masks/, else original/ + GT/ (UDIAT Dataset B as distributed), both folders
+         of a pair present, names in any letter case (Images/, GT/, gt/ ...) -> load_folder.
+    Anything else is a one-line UserError that lists these layouts."""
     if path == "phantom":
         return make_phantom(phantom_count, size, seed, classes)
     if not os.path.isdir(path):
@@ -186,7 +195,7 @@ def load_data(path, classes=("benign", "malignant"), size=224, phantom_count=240
     if folder_layout(path):
         return load_folder(path, size)
     raise UserError(f"--data {path}: none of the layouts recognised inside it: BUSI's (benign/ malignant/ normal/), "
-                    f"images/ + masks/, or original/ + GT/")
+                    f"images/ + masks/, or original/ + GT/ (these two in any letter case)")
 
 
 # ----------------------------------------------------------------------------- the phantom
@@ -211,18 +220,21 @@ def _blob(x, y, cx, cy, r, aspect, harmonics, angle=0.0):
 
 def _lesion(u, x, y, cls):
     """One lesion's mask, and how echogenic it is. Radii are log-uniform, as lesion sizes in BUSI
-    are skewed to the small (areas from about 0.3% to 30% of the image); a third of the lesions are
-    placed near a side edge, where some leave the image. benign: oval, wider than tall ("parallel"
-    to the skin), smooth or gently lobulated; malignant: irregular, microlobulated and spiculated
+    are skewed to the small (areas from about 0.3% to 30% of the image); one lesion in 8 is cut by
+    a side edge of the image (in BUSI about 1 in 25 touches a side; more here, so that a model
+    meets the case), the others lie inside it, below the skin. benign: oval, wider than tall
+    ("parallel" to the skin), smooth or gently lobulated; malignant: irregular, microlobulated and spiculated
     (many sharp harmonics), often taller than wide. Most are hypoechoic (dark); one in five is
     isoechoic, barely darker than the tissue around it."""
     r = math.exp(u(math.log(0.03), math.log(0.3)))
-    cx = u(0.0, 0.15) if u(0, 1) < 1 / 6 else u(0.85, 1.0) if u(0, 1) < 0.2 else u(0.15, 0.85)
-    cy = u(0.25, 0.7)
+    aspect = u(1.2, 2.0) if cls == "benign" else u(0.7, 1.3)
+    w, h = min(0.5, 1.1 * r * aspect), 1.1 * r  # about half the lesion's width and height
+    side = u(0, 1)  # below 1/16: cut by the left edge, above 15/16: by the right one; else inside
+    cx = u(0.2, 0.9) * w if side < 1 / 16 else 1 - u(0.2, 0.9) * w if side > 15 / 16 else u(w, 1 - w)
+    cy = u(max(0.25, 0.03 + h), max(0.25, 0.03 + h, min(0.7, 0.97 - h)))  # below the skin, above the image's foot
     if cls == "benign":
-        aspect, harmonics = u(1.2, 2.0), [(k, u(0, 0.08), u(0, 2 * math.pi)) for k in (2, 3, 4)]
+        harmonics = [(k, u(0, 0.08), u(0, 2 * math.pi)) for k in (2, 3, 4)]
     else:
-        aspect = u(0.7, 1.3)
         harmonics = [(k, u(0.02, 0.1) * 3 / k ** 0.5, u(0, 2 * math.pi)) for k in (2, 3, 5, 7, 9, 11)]
         harmonics += [(k, u(0.0, 0.08), u(0, 2 * math.pi)) for k in (17, 23, 29)]  # spicules
     mask = _blob(x, y, cx, cy, r, aspect, harmonics, u(-0.3, 0.3))
@@ -255,36 +267,42 @@ def _calipers(image, points, size):
     return image
 
 
-def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
-    """Synthetic B-mode breast ultrasound, no download needed, deterministic from `seed`. Per image,
-    each element imitating what real scans show:
-      tissue    skin (bright line), subcutaneous fat (dark), glandular tissue (bright, textured),
-                pectoral muscle and chest wall (darker), with wavy boundaries;
-      lesion    one per benign or malignant image (none for normal, opt-in): see _lesion for its
-                size, place, outline and echogenicity; isoechoic ones often have a thin echogenic
-                rim (halo), and every lesion its own internal echo texture;
-      posterior enhancement below benign lesions, shadowing below malignant ones, from the lesion's
-                lower edge (_posterior);
-      dark look-alikes that are not lesions: fat lobules (flat dark ovals in the fat layer, in
-                every class), a poor-contact shadow (a dark band from the skin down) in 1 image in 5,
-                a rib (bright arc with a shadow below it) under the chest wall in 1 in 4;
-      speckle   the magnitude of low-pass complex Gaussian noise (Rayleigh statistics, as real echo),
-                depth attenuation, log compression to 8 bits;
-      calipers  bright '+' marks beside the lesion's ends in 1 image in 3 (_calipers).
-    """
+def _distractors(u, x, y, fat_end, tissue):
+    """Dark look-alikes that are not lesions, darkening `tissue`: (tissue, where they darken it).
+      fat lobules     0 to 3 flat dark ovals in the subcutaneous fat, in every class: hypoechoic
+                      fat lobules, the commonest look-alike of a benign mass;
+      contact shadow  in 1 image in 5, a dark vertical band from the skin down: poor probe contact
+                      (or a ligament's refraction shadow);
+      rib             in 1 image in 4, a bright arc under the chest wall (the bone's surface) with an
+                      acoustic shadow below it."""
+    dark = torch.zeros(x.shape, dtype=torch.bool)
+    for _ in range(int(u(0, 4))):
+        lobule = _blob(x, y, u(0, 1), u(0.06, 0.18), u(0.02, 0.06), u(2, 3.5), [(2, u(0, 0.1), u(0, 6.3))])
+        lobule &= y < fat_end
+        tissue, dark = tissue * (1 - u(0.3, 0.55) * lobule), dark | lobule
+    if u(0, 1) < 0.2:
+        band = (x - u(0, 1)).abs() < u(0.02, 0.06)
+        tissue, dark = tissue * (1 - u(0.4, 0.7) * band), dark | band
+    if u(0, 1) < 0.25:
+        rib = _blob(x, y, u(0.2, 0.8), u(0.9, 0.97), u(0.06, 0.12), u(2, 3), [])
+        surface = rib & ~torch.roll(rib, max(1, x.shape[0] // 60), dims=0)  # bone reflects at its top ...
+        shadow = _posterior(torch.ones_like(tissue), surface, -0.85)        # ... and shadows below
+        tissue, dark = tissue * (1 + 2 * surface) * shadow, dark | (shadow < 0.7)
+    return tissue, dark
+
+
+def _phantom_stream(count, size, seed, classes):
+    """make_phantom's images one at a time: (class, uint8 image array, bool lesion mask, bool map of
+    the dark look-alikes that are not lesion, from _distractors)."""
     g = torch.Generator().manual_seed(seed)
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()
     y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    pairs, names, labels = [], [], []
     for i in range(count):
         cls = classes[i % len(classes)]
         fat_end = 0.2 + 0.08 * _smooth_noise(g, size, 3)[0] + u(0, 0.08)
         wall = 0.8 + 0.06 * _smooth_noise(g, size, 3)[0] + u(-0.05, 0.08)
         tissue = torch.where(y < 0.03, 1.0, torch.where(y < fat_end, 0.35, torch.where(y < wall, 0.75, 0.4)))
         tissue = tissue * (1 + 0.35 * _smooth_noise(g, size, 12))
-        for _ in range(int(u(0, 4))):  # fat lobules: dark, flat, in the fat layer
-            lobule = _blob(x, y, u(0, 1), u(0.06, 0.18), u(0.02, 0.06), u(2, 3.5), [(2, u(0, 0.1), u(0, 6.3))])
-            tissue = tissue * (1 - u(0.3, 0.55) * (lobule & (y < fat_end)))
         mask = torch.zeros(size, size, dtype=torch.bool)
         if cls != "normal":
             mask, darkening = _lesion(u, x, y, cls)
@@ -295,13 +313,7 @@ def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
             if darkening < 0.3 and u(0, 1) < 0.6:  # an isoechoic lesion's echogenic rim
                 ring = F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0].bool() & ~mask
                 tissue = tissue * (1 + u(0.3, 0.6) * ring)
-        if u(0, 1) < 0.2:  # poor probe contact: a dark band from the skin down
-            band = ((x - u(0, 1)).abs() < u(0.02, 0.06))
-            tissue = tissue * (1 - u(0.4, 0.7) * band)
-        if u(0, 1) < 0.25:  # a rib under the chest wall: bright arc, dark shadow below it
-            rib = _blob(x, y, u(0.2, 0.8), u(0.9, 0.97), u(0.06, 0.12), u(2, 3), [])
-            surface = rib & ~torch.roll(rib, max(1, size // 60), dims=0)  # bone reflects at its top ...
-            tissue = _posterior(tissue * (1 + 2 * surface), surface, -0.85)  # ... and shadows below
+        tissue, dark = _distractors(u, x, y, fat_end, tissue)
         grain = max(1, size // 112)  # speckle grain about 2 pixels at 224 px
         noise = F.avg_pool2d(torch.randn(2, 1, size, size, generator=g), 2 * grain + 1, 1, grain)
         speckle = noise.pow(2).sum(0)[0].sqrt()
@@ -312,7 +324,40 @@ def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
             rows = mask.any(dim=1).nonzero()[:, 0].float() / (size - 1)
             mid = (rows.min() + rows.max()).item() / 2
             image = _calipers(image, [(cols.min().item() - 0.04, mid), (cols.max().item() + 0.04, mid)], size)
-        image = (image * 255).round().to(torch.uint8).numpy()
+        yield cls, (image * 255).round().to(torch.uint8).numpy(), mask, dark & ~mask
+
+
+def _phantom_images(count, size, seed, classes):
+    """The list of _phantom_stream, made on one CPU thread: on images this small more threads only
+    wait for each other, and on a busy CPU they made it ten times slower and more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return list(_phantom_stream(count, size, seed, classes))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
+    """Synthetic B-mode breast ultrasound, no download needed, deterministic from `seed`. Per image,
+    each element imitating what real scans show:
+      tissue    skin (bright line), subcutaneous fat (dark), glandular tissue (bright, textured),
+                pectoral muscle and chest wall (darker), with wavy boundaries;
+      lesion    one per benign or malignant image (none for normal, opt-in): see _lesion for its
+                size, place, outline and echogenicity; isoechoic ones often have a thin echogenic
+                rim (halo), and every lesion its own internal echo texture;
+      posterior enhancement below benign lesions, shadowing below malignant ones, from the lesion's
+                lower edge (_posterior);
+      dark look-alikes that are not lesions, in every class: fat lobules (flat dark ovals in the fat
+                layer), a poor-contact shadow (a dark band from the skin down) in 1 image in 5,
+                a rib (bright arc with a shadow below it) under the chest wall in 1 in 4 (_distractors);
+      speckle   the magnitude of low-pass complex Gaussian noise (Rayleigh statistics, as real echo),
+                depth attenuation, log compression to 8 bits;
+      calipers  bright '+' marks beside the lesion's ends in 1 image in 3 (_calipers).
+    Made on one CPU thread (_phantom_images): 240 images of 128 px in well under a second.
+    """
+    pairs, names, labels = [], [], []
+    for i, (cls, image, mask, _) in enumerate(_phantom_images(count, size, seed, classes)):
         pairs.append((image, mask.numpy().astype(np.uint8), hashlib.sha1(image.tobytes()).hexdigest()))
         names.append(f"phantom/{cls} ({i}).png")
         labels.append(cls)

@@ -220,8 +220,9 @@ def amp_dtype(device, amp="auto"):
     return None
 
 
-def precision_name(dtype):
-    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+def precision_name(dtype, autocast=True):
+    """How a run computes: "fp32", or "bf16 autocast" (training), or "bf16" (weights in bf16: predict.py)."""
+    return "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype] + " autocast" * autocast
 
 
 def autocast(device, dtype):

@@ -45,8 +45,9 @@ def balance_weights(target, clamp=(0.01, 0.99)):
 
 def weight_balance_loss(logits, target, clamp=(0.01, 0.99)):
     """T2KD-style weight balance loss (Guo et al. 2025 stress small lesions and the lesion /
-    background imbalance, but their formula is unpublished: this one is our design). Per-pixel cross-entropy weighted by balance_weights, averaged over each image's
-    pixels, then over images. With f = 0.5 it is plain cross-entropy.
+    background imbalance, but their formula is unpublished: this one is our design). Per-pixel
+    cross-entropy weighted by balance_weights, averaged over each image's pixels, then over images.
+    With f = 0.5 it is plain cross-entropy.
     logits (N, 2, H, W); target (N, 1, H, W) in {0, 1}."""
     ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")  # (N, H, W)
     return (balance_weights(target, clamp) * ce).mean(dim=(1, 2)).mean()

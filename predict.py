@@ -58,7 +58,6 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place; inp
     ("export", str, "write the fast form (fp32) as TorchScript to this .ts file, checked against the checkpoint and "
                     "timed on the images given, else on built-in phantom images; see the top of this help"),
 ]
-PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CONTOUR_COLOUR = (255, 200, 0)  # yellow: visible on grey tissue and on dark lesions alike
 IMAGE_EXTENSIONS = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}  # what Pillow reads
 
@@ -220,12 +219,12 @@ def export(path, ckpt, args, device, dtype, fast, samples, what):
     eager = eager.to(device)
     with torch.inference_mode():
         diff = (loaded(samples) - eager(samples).float().softmax(dim=1)[:, 1:]).abs().max().item()
-    one = samples[:1]
+    one, precision = samples[:1], kd.precision_name(dtype, autocast=False)
     fast32 = fast if dtype is None else fast_model(eager, device, None)  # like for like with the file
     ms = {"exported": ms_per_frame(loaded, one, device),
           "fast fp32": ms_per_frame(lambda x: lesion_probability(fast32, x), one, device)}
     if dtype is not None:
-        ms[f"fast {PRECISION[dtype]}"] = ms_per_frame(lambda x: lesion_probability(fast, x), one, device)
+        ms[f"fast {precision}"] = ms_per_frame(lambda x: lesion_probability(fast, x), one, device)
     ms["eager"] = ms_per_frame(lambda x: eager(x).float().softmax(dim=1)[:, 1:], one, device)
     print(f"exported {path} ({os.path.getsize(path) / 2 ** 20:.2f} MiB): TorchScript, fp32, BatchNorm folded; "
           f"input (N, 1, {one.shape[-1]}, {one.shape[-1]}) normalised, output lesion probability; preprocessing "
@@ -234,7 +233,7 @@ def export(path, ckpt, args, device, dtype, fast, samples, what):
           f"eager model {diff:.2g}")
     print(f"ms per frame on {device} (batch 1, median of 20 after warm-up): exported {ms['exported']:.2f}; eager: "
           + ", ".join(f"{k} form {v:.2f}" for k, v in ms.items() if k.startswith("fast"))
-          + f" (predict.py runs fast {PRECISION[dtype]}), as trained {ms['eager']:.2f} (fp32, BatchNorm unfolded)")
+          + f" (predict.py runs fast {precision}), as trained {ms['eager']:.2f} (fp32, BatchNorm unfolded)")
     return diff, ms
 
 
@@ -266,7 +265,7 @@ def main(argv=None):
     model = fast_model(kd.build_model(ckpt), device, dtype)
     print(f"{ckpt['kind']} {args.checkpoint}: U-Net width {ckpt['model_config']['width']}, "
           f"{kd.fmt_params(count_parameters(model))} parameters, input {size}x{size}; device {device}, "
-          f"{PRECISION[dtype]}, BatchNorm folded; {len(files)} image{'s' * (len(files) != 1)}")
+          f"{kd.precision_name(dtype, autocast=False)}, BatchNorm folded; {len(files)} image{'s' * (len(files) != 1)}")
     lesion_probability(model, torch.zeros(1, 1, size, size, device=device))  # warm-up: kernels chosen once
     if files:
         os.makedirs(args.out, exist_ok=True)
