@@ -896,8 +896,8 @@ def test_resume_refuses_other_options_and_a_missing_state(tmp_path, monkeypatch)
     with pytest.raises(SystemExit):
         train_teacher.main(TINY + ["--width", "2", "--out", out])
     monkeypatch.setattr(kd, "save_checkpoint", real)
-    with pytest.raises(UserError, match=r"--resume: .*--lr 0.0001 \(now 0.001\)"):
-        train_teacher.main(TINY + ["--width", "2", "--out", out, "--resume", "--lr", "1e-3"])
+    with pytest.raises(UserError, match=r"--resume: .*--lr 0.001 \(now 0.01\)"):  # 0.001: the phantom demo's
+        train_teacher.main(TINY + ["--width", "2", "--out", out, "--resume", "--lr", "1e-2"])
     with pytest.raises(UserError, match="no unfinished run"):
         train_teacher.main(TINY + ["--width", "2", "--out", str(tmp_path / "other.pt"), "--resume"])
 
@@ -940,7 +940,7 @@ def test_main_job_reports_the_gain_and_reuses_the_student_alone(tiny_teacher, tm
     before = kd.file_hash(str(tmp_path / "student_alone.pt"))
     train_student.main(words + ["--pathway", "hidden", "--out", str(tmp_path / "kd2.pt")])  # another pathway
     assert "reusing" in capsys.readouterr().out and kd.file_hash(str(tmp_path / "student_alone.pt")) == before
-    train_student.main(words + ["--lr", "1e-3", "--out", str(tmp_path / "kd3.pt")])  # another schedule: retrained
+    train_student.main(words + ["--lr", "1e-2", "--out", str(tmp_path / "kd3.pt")])  # another schedule: retrained
     assert "training it again" in capsys.readouterr().out
 
 
