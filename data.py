@@ -165,8 +165,8 @@ def load_folder(root, size=224):
     pairs, names, labels = [], [], []
     for f in _listdir(img_dir):
         stem = os.path.splitext(f)[0]
-        names = [stem.lower() + suffix for suffix in ("", "_mask", "_gt")]
-        m = next((mask_files[k] for k in names if k in mask_files), None)
+        candidates = [stem.lower() + suffix for suffix in ("", "_mask", "_gt")]
+        m = next((mask_files[k] for k in candidates if k in mask_files), None)
         if m is None:
             raise UserError(f"{os.path.join(img_dir, f)}: no mask named {stem}.*, {stem}_mask.* or {stem}_GT.* "
                             f"in {mask_dir}; add it or remove the image")
