@@ -351,7 +351,9 @@ def format_table(summary, args):
         f"the method does over retraining): read the gain's interval for that. Not corrected for multiple tests.",
     ]
     if EXTRA_ROWS & summary.keys():
-        lines.append("* extra row, not in the paper's Table 4: the weak-augmentation teacher the _WAug rows distil from.")
+        lines.append("* not in the paper's Table 4: Teacher_WAug (the teacher the _WAug rows distil from), the class "
+                     "teachers and the two other methods, T2KD and DCKD, in our reading; for T2KD the share is of "
+                     "Teacher's lead.")
     return "\n".join(lines)
 
 
