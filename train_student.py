@@ -317,6 +317,7 @@ def report(teacher_test, n_teacher, students):
 def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns the student's checkpoint, with
     the test metrics of its teacher (or ensemble) added as teacher_test."""
+    # 1. The teachers, and the data and split they were trained on
     args, given = kd.parse_args(OPTIONS, __doc__, argv)
     teacher_ckpts, data, split = load_teachers(args, given)
     paths, classes = teacher_paths(args)
@@ -338,10 +339,12 @@ def main(argv=None):
     widths = "+".join(str(t["model_config"]["width"]) for t in teacher_ckpts)
     print(f"teacher: {kd.fmt_params(count_parameters(teacher))} parameters (width {widths})")
 
+    # 2. The student alone on the same split: trained, or a finished one reused
     students = []
     if args.alone and args.pathway != "none":
         students.append(("student alone", student_alone(args, teacher, data, split, device, dtype, paths)))
         print(f"\n--- the student distilled ({args.pathway})")
+    # 3. The student distilled (or alone, with --pathway none), from the same initial weights
     kd.seed_everything(args.seed)
     ckpt = train(args, distilling_teacher, count_parameters(teacher), data, split, device, dtype,
                  run_tag(args, data, split, paths))
@@ -349,6 +352,7 @@ def main(argv=None):
             else f"distilled ({args.pathway}, {args.loss})")
     students.append((name, ckpt))
 
+    # 4. What distillation did
     teacher_test = evaluate_teacher(teacher, data, split, device, dtype, args)
     report(teacher_test, count_parameters(teacher), students)
     return dict(ckpt, teacher_test=teacher_test)
