@@ -481,7 +481,8 @@ def build_model(ckpt):
 
 # ----------------------------------------------------------------------------- runs that survive
 
-HOW_OPTIONS = {"device", "compile", "out", "resume", "data", "teacher", "split", "save_split", "baseline"}
+HOW_OPTIONS = {"device", "compile", "out", "resume", "data", "teacher", "class_teachers", "split", "save_split",
+               "alone"}  # where files are, how fast it runs, what else is trained: not what this run computes
 
 
 def run_tag(args, data, split, **more):

@@ -166,7 +166,7 @@ def run_tag(args, data, split, paths):
     files it learns from. The student alone depends on neither the teachers nor the distillation options."""
     alone = args.pathway == "none"
     tag = kd.run_tag(args, data, split, teachers=[] if alone else [kd.file_hash(p) for p in paths])
-    tag["options"] = {k: v for k, v in tag["options"].items() if k != "alone" and not (alone and k in DISTIL_OPTIONS)}
+    tag["options"] = {k: v for k, v in tag["options"].items() if not (alone and k in DISTIL_OPTIONS)}
     return tag
 
 
