@@ -16,7 +16,8 @@ stopped: run the same command again. A teacher is trained again only when one of
 must run and its checkpoint is gone; its students' records name the teacher checkpoint they were
 made from (sha1), and those made from another one run again. The records alone (no checkpoints)
 are enough to print the table. At the end it writes table.md (printed too), results.json and
-pictures.png into the study folder.
+pictures.png into the study folder. With --ensembles it trains nothing and asks whether a teacher
+could know more: each teacher row against the mean-logits ensemble of its seeds (ensembles.json).
 """
 import argparse
 import glob
@@ -33,6 +34,7 @@ from data import UserError
 import kd
 import train_student
 import train_teacher
+from models import Ensemble
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("data", kd.DEFAULT_DATA, "BUSI folder, a folder with images/ and masks/, or 'phantom'"),
@@ -62,6 +64,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("perm_seed", 0, "seed of those sign flips"),
     ("table_only", False, "train nothing: print the table from the records already in --out (a part of the "
                           "runs, or all of them)"),
+    ("ensembles", False, "train nothing: with the checkpoints of every seed in --out, test each teacher (and the "
+                         "student alone) against the mean-logits ensemble of its seeds; writes ensembles.json"),
     ("pictures", 4, "test images of the first fold shown in pictures.png (0: no picture)"),
     ("out", "out/study", "the study folder: runs, checkpoints, table.md, results.json, pictures.png"),
 ]
@@ -85,7 +89,12 @@ ROWS.update({  # the two other methods, our readings of their papers (train_stud
     "T2KD_noWB": dict(teachers=CLASS_TEACHERS, pathway="joint", loss="kld", sup="ce"),
     "DCKD": dict(teacher="Teacher", pathway="dckd"),
 })
-EXTRA_ROWS = {"Teacher_WAug", "Teacher_benign", "Teacher_malignant", "T2KD", "T2KD_noWB", "DCKD"}  # not in Table 4
+# A stronger teacher for the paper's best row: the mean logits of Teacher_WAug's seeds 0, 1 and 2 of
+# the same fold (models.Ensemble). It runs only when --seeds holds those three.
+ENSEMBLE_SEEDS = (0, 1, 2)
+ROWS["L_KLD_WAug_Ens3"] = dict(teacher="Teacher_WAug", ensemble=ENSEMBLE_SEEDS, pathway="logits", loss="kld")
+EXTRA_ROWS = {"Teacher_WAug", "Teacher_benign", "Teacher_malignant", "T2KD", "T2KD_noWB", "DCKD",
+              "L_KLD_WAug_Ens3"}  # not in Table 4
 DISTILLED = [r for r in ROWS if "pathway" in ROWS[r] and ROWS[r]["pathway"] != "none"]
 PAPER = {  # Table 4 of Behboodi et al. 2025, Dice %, mean (+- std) over 3 folds of UDIAT
     "Teacher": "81.50 ± 18.40", "Student": "73.16 ± 23.78", "L_MSE": "77.75", "L_MSE_WAug": "77.52",
@@ -102,6 +111,13 @@ def teachers_of(row):
     return list(spec["teachers"].values()) if "teachers" in spec else [spec["teacher"]] if "teacher" in spec else []
 
 
+def teacher_runs(row, seed):
+    """The (teacher row, seed) runs of one fold that a student row of `seed` learns from: its
+    teachers of the same seed, or for an ensemble row its teacher of every ENSEMBLE_SEEDS."""
+    seeds = ROWS[row].get("ensemble", (seed,))
+    return [(t, s) for t in teachers_of(row) for s in seeds]
+
+
 def run_argv(row, fold, seed, args):
     """The exact command-line words of one run: everything explicit, so no script default (nor the
     scripts' phantom quick-demo settings) decides anything behind the study's back."""
@@ -114,9 +130,9 @@ def run_argv(row, fold, seed, args):
                 "--phantom_count", args.phantom_count, "--width", args.teacher_width, "--aug", spec["aug"]] + common
         argv += ["--only_class", spec["only_class"]] if "only_class" in spec else []
     else:  # a student: data and split come from its teacher's checkpoint
-        ckpt = lambda name: os.path.join(folder, name + ".pt")
+        ckpt = lambda name, s=seed: os.path.join(run_folder(args, fold, s), name + ".pt")
         argv = (["--class_teachers", ",".join(f"{c}={ckpt(t)}" for c, t in spec["teachers"].items())]
-                if "teachers" in spec else ["--teacher", ckpt(spec["teacher"])])
+                if "teachers" in spec else ["--teacher", ",".join(ckpt(t, s) for t, s in teacher_runs(row, seed))])
         argv += ["--data", args.data, "--pathway", spec["pathway"]] + (["--loss", spec["loss"]] if "loss" in spec else [])
         argv += ["--sup", spec["sup"]] if "sup" in spec else []
         argv += ["--alpha", args.alpha, "--T", args.T, "--width", args.student_width, "--aug", "strong",
@@ -141,9 +157,10 @@ def _what(argv):
     return {k: v for k, v in pairs.items() if k not in HOW_NOT_WHAT}
 
 
-def teacher_sha1(row, teacher_recs):
-    """Which exact teacher checkpoints a student row learns from: their sha1s, joined by '+'."""
-    return "+".join(teacher_recs[t]["sha1"] for t in teachers_of(row))
+def teacher_sha1(row, seed, teacher_recs):
+    """Which exact teacher checkpoints a student row learns from: their sha1s, joined by '+'.
+    teacher_recs: {(teacher row, seed): record} of the fold."""
+    return "+".join(teacher_recs[k]["sha1"] for k in teacher_runs(row, seed))
 
 
 def stored(row, fold, seed, args, teacher_recs=None, say=True):
@@ -159,7 +176,7 @@ def stored(row, fold, seed, args, teacher_recs=None, say=True):
         diff = ", ".join(f"--{k} {old.get(k)} (now {new.get(k)})" for k in sorted(old.keys() | new.keys())
                          if old.get(k) != new.get(k))
         raise UserError(f"{path}: made with other options: {diff}; give another --out, or delete the file to run it again")
-    if teacher_recs is not None and rec.get("teacher_sha1") != teacher_sha1(row, teacher_recs):
+    if teacher_recs is not None and rec.get("teacher_sha1") != teacher_sha1(row, seed, teacher_recs):
         if say:
             print(f"{path}: made from another {' or '.join(teachers_of(row))} checkpoint: running it again")
         return None
@@ -198,7 +215,7 @@ def run(row, fold, seed, args, label, precision, teacher_recs=None):
                sha1=kd.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv, checkpoint=ckpt_path,
                versions=ckpt["versions"])
     if teacher_recs is not None:
-        rec["teacher_sha1"] = teacher_sha1(row, teacher_recs)
+        rec["teacher_sha1"] = teacher_sha1(row, seed, teacher_recs)
     kd.write_json(json_path, rec)
     return rec
 
@@ -353,8 +370,59 @@ def format_table(summary, args):
     if EXTRA_ROWS & summary.keys():
         lines.append("* not in the paper's Table 4: Teacher_WAug (the teacher the _WAug rows distil from), the class "
                      "teachers and the two other methods, T2KD and DCKD, in our reading; for T2KD the share is of "
-                     "Teacher's lead.")
+                     "Teacher's lead. L_KLD_WAug_Ens3: L_KLD_WAug distilled from the mean logits of Teacher_WAug's "
+                     "seeds 0, 1 and 2 (its share is of one Teacher_WAug's lead).")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- a stronger teacher?
+
+def ensembles(args, folds, seeds, rows):
+    """How much a teacher gains when its seeds vote: per fold, each teacher row's (and the student
+    alone's) checkpoints of every seed, and the mean of their logits (models.Ensemble, the teacher a
+    student can distil with train_student.py --teacher A.pt,B.pt,C.pt), on the validation and test
+    parts. Trains nothing; needs the checkpoints the study left in --out. Returns {row: [per fold]}."""
+    device = kd.pick_device(args.device)
+    dtype = kd.amp_dtype(device, args.amp)
+    found = {}
+    for f in folds:
+        data = None
+        for row in [r for r in rows if "aug" in ROWS[r] and "only_class" not in ROWS[r]] + ["Student"]:
+            paths = [os.path.join(run_folder(args, f, s), row + ".pt") for s in seeds]
+            if not all(os.path.isfile(p) for p in paths):
+                print(f"fold {f} {row}: a checkpoint of seeds {','.join(map(str, seeds))} is missing; skipped")
+                continue
+            ckpts = [kd.load_checkpoint(p, ("teacher", "student"), "--ensembles") for p in paths]
+            if data is None:
+                data, splits = kd.load_split_data(argparse.Namespace(**{**vars(args), "fold": f, "split": None}))
+                images, masks = data.images.to(device), data.masks.to(device)
+            named = {k: [data.names[i] for i in v] for k, v in splits[f].items()}
+            if any(c["split"] != named for c in ckpts):
+                raise UserError(f"{paths[0]}: trained on another split than fold {f} of --data {args.data}")
+            models = [kd.to_device(kd.build_model(c), device) for c in ckpts]
+            rec = dict(fold=f, seeds=seeds, sha1=[kd.file_hash(p) for p in paths])
+            for part in ("val", "test"):
+                each = [kd.evaluate(m, images, masks, splits[f][part], device, dtype)["dice"] for m in models]
+                both = kd.evaluate(Ensemble(models), images, masks, splits[f][part], device, dtype)
+                rec[part] = dict(each=each, ensemble=both["dice"], names=named[part],
+                                 per_image_dice=both["per_image_dice"])
+            found.setdefault(row, []).append(rec)
+    if not found:
+        raise UserError(f"--out {args.out}: no row has checkpoints of every seed {','.join(map(str, seeds))} there; "
+                        f"run the study first (the records alone cannot be ensembled)")
+    pct = lambda x: f"{100 * x:.2f}"
+    lines = ["| Row | Fold | Val Dice %: each seed | mean | ensemble | Test Dice %: mean | ensemble |",
+             "|---|---|---|---|---|---|---|"]
+    for row, recs in found.items():
+        for r in recs:
+            v, t = r["val"], r["test"]
+            lines.append(f"| {row} | {r['fold']} | {' / '.join(map(pct, v['each']))} | {pct(np.mean(v['each']))} "
+                         f"| {pct(v['ensemble'])} | {pct(np.mean(t['each']))} | {pct(t['ensemble'])} |")
+    lines.append(f"\nSeeds {','.join(map(str, seeds))}; ensemble: the mean of the seeds' logits, thresholded at "
+                 f"probability 0.5; {kd.precision_name(dtype)}.")
+    print("\n".join(lines))
+    kd.write_json(os.path.join(args.out, "ensembles.json"), dict(rows=found, table="\n".join(lines)))
+    return found
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -461,6 +529,11 @@ def main(argv=None):
     if not seeds:
         raise UserError(f"--seeds {args.seeds}: give whole numbers, comma-separated, e.g. 0,1,2")
     chosen = set(_choose(args.rows, list(ROWS), "rows")) | {"Teacher", "Student"}
+    for r in [r for r in chosen if not set(ROWS[r].get("ensemble", ())) <= set(seeds)]:
+        if args.rows != "all":
+            raise UserError(f"--rows {r}: it distils the ensemble of seeds {','.join(map(str, ROWS[r]['ensemble']))} "
+                            f"of its teacher; give --seeds with those seeds")
+        chosen.discard(r)  # --rows all with fewer seeds: the rows that can run
     chosen |= {t for r in list(chosen) for t in teachers_of(r)}  # a _WAug row needs its teacher, T2KD its two
     rows = [r for r in ROWS if r in chosen]  # the paper's order, teachers first
     if args.pictures < 0 or args.n_perm < 1:
@@ -471,36 +544,44 @@ def main(argv=None):
         with open(path) as f:
             seen.add(json.load(f).get("precision"))
     args.precisions_seen = seen or {precision}  # a new run must not mix precisions into a study
+    if args.ensembles:
+        return dict(ensembles=ensembles(args, folds, seeds, rows))
 
     records, ran, total = {}, [], len(folds) * len(seeds) * len(rows)
     label = lambda: f"[{len(records) + 1}/{total}]"
     try:
+        teachers = [r for r in rows if "aug" in ROWS[r]]
+        students = [r for r in rows if r not in teachers]
         for f in folds:
-            for s in seeds:
-                if args.table_only:  # the records there are, students only with the teachers they were made from
-                    t_recs = {t: stored(t, f, s, args) for t in rows if "aug" in ROWS[t]}
-                    for r in rows:
-                        ok = all(t_recs.get(t) for t in teachers_of(r))
-                        rec = t_recs.get(r) if "aug" in ROWS[r] else stored(r, f, s, args, t_recs) if ok else None
+            t_recs = {(t, s): stored(t, f, s, args) for t in teachers for s in seeds}  # this fold's teachers
+            if args.table_only:  # the records there are, students only with the teachers they were made from
+                for s in seeds:
+                    records.update({(t, f, s): t_recs[t, s] for t in teachers if t_recs[t, s]})
+                    for r in students:
+                        ok = all(t_recs.get(k) for k in teacher_runs(r, s))
+                        rec = stored(r, f, s, args, t_recs) if ok else None
                         if rec is not None:
                             records[r, f, s] = rec
-                    continue
-                teachers = [r for r in rows if "aug" in ROWS[r]]
-                t_recs = {t: stored(t, f, s, args) for t in teachers}
-                pending = [r for r in rows if r not in teachers and (any(t_recs[t] is None for t in teachers_of(r))
-                                                                   or stored(r, f, s, args, t_recs, say=False) is None)]
-                for t in teachers:  # again only when missing, or when a pending student needs its checkpoint
-                    needed = any(t in teachers_of(r) for r in pending)
-                    if t_recs[t] is None or (needed and not os.path.isfile(os.path.join(run_folder(args, f, s), t + ".pt"))):
-                        t_recs[t] = run(t, f, s, args, label(), precision)
+                continue
+            pending = [(r, s) for r in students for s in seeds
+                       if any(t_recs[k] is None for k in teacher_runs(r, s)) or stored(r, f, s, args, t_recs, say=False) is None]
+            needed = {k for r, s in pending for k in teacher_runs(r, s)}
+            # seed by seed: the teachers (again only when missing, or when a pending student needs a
+            # checkpoint that is gone), then the students; ensemble rows when every seed's teachers are there
+            for s in seeds + [None]:
+                for t in (teachers if s is not None else []):
+                    gone = not os.path.isfile(os.path.join(run_folder(args, f, s), t + ".pt"))
+                    if t_recs[t, s] is None or ((t, s) in needed and gone):
+                        t_recs[t, s] = run(t, f, s, args, label(), precision)
                         ran.append((t, f, s))
-                    records[t, f, s] = t_recs[t]
-                for r in [r for r in rows if r not in teachers]:
-                    rec = stored(r, f, s, args, t_recs)
+                    records[t, f, s] = t_recs[t, s]
+                for r, s_ in [(r, s_) for r in students for s_ in (seeds if s is None else [s])
+                              if ("ensemble" in ROWS[r]) == (s is None)]:
+                    rec = stored(r, f, s_, args, t_recs)
                     if rec is None:
-                        rec = run(r, f, s, args, label(), precision, t_recs)
-                        ran.append((r, f, s))
-                    records[r, f, s] = rec
+                        rec = run(r, f, s_, args, label(), precision, t_recs)
+                        ran.append((r, f, s_))
+                    records[r, f, s_] = rec
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(ran)} runs finished and saved in {args.out}; "
               f"run the same command again to go on", flush=True)

@@ -1546,9 +1546,10 @@ def test_summary_pairs_runs_by_fold_and_seed():
 def test_study_end_to_end_resumes_and_draws(tmp_path):
     out = str(tmp_path / "study")
     res = study.main(STUDY_TINY + ["--out", out])
-    assert len(res["ran"]) == 2 * len(study.ROWS) == 2 * 20  # Table 4's 14 rows, 3 more teachers, 3 more methods
+    # Table 4's 14 rows, 3 more teachers, 3 more methods; not the ensemble row, which needs seeds 0-2
+    assert len(res["ran"]) == 2 * (len(study.ROWS) - 1) == 2 * 20
     table = open(os.path.join(out, "table.md")).read()
-    for row in study.ROWS:
+    for row in [r for r in study.ROWS if "ensemble" not in study.ROWS[r]]:
         assert f"| {row} |" in table or f"| {row}* |" in table
     rows = json.load(open(os.path.join(out, "results.json")))["rows"]
     ps = [s[k] for s in rows.values() for k in ("p_vs_teacher", "p_vs_student") if s[k] is not None]
@@ -1583,7 +1584,8 @@ def test_study_end_to_end_resumes_and_draws(tmp_path):
     # student made from the old one runs again (their records name the old checkpoint)
     os.remove(os.path.join(out, "fold1", "seed0", "L_MSE_WAug.json"))
     ran = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"]
-    assert ran == [("Teacher_WAug", 1, 0)] + [(r, 1, 0) for r in study.ROWS if study.ROWS[r].get("teacher") == "Teacher_WAug"]
+    assert ran == [("Teacher_WAug", 1, 0)] + [(r, 1, 0) for r in study.ROWS if study.ROWS[r].get("teacher") == "Teacher_WAug"
+                                                  and "ensemble" not in study.ROWS[r]]
     # other options in the same folder: refused, not mixed in; nor another precision for a new run
     with pytest.raises(UserError, match="--epochs"):
         study.main(STUDY_TINY + ["--out", out, "--epochs", "2"])
@@ -1606,6 +1608,64 @@ def test_study_seeds_are_paired_runs(tmp_path):
     assert s0["argv"][s0["argv"].index("--seed") + 1] == "0" and s1["argv"][s1["argv"].index("--seed") + 1] == "1"
     assert res["summary"]["L_KLD"]["runs"] == 2 and res["summary"]["L_KLD"]["gain"][1] is not None
     assert "seeds 0,1" in res["table"]
+
+    # --ensembles: each seed's model scores what its record says, and the ensemble is the mean of
+    # the seeds' logits, thresholded, worked out here by hand
+    ens = study.main(words + ["--ensembles"])["ensembles"]
+    assert list(ens) == ["Teacher", "Student"] and ens["Teacher"][0]["fold"] == 0
+    for row in ("Teacher", "Student"):
+        recs = [json.load(open(os.path.join(out, "fold0", f"seed{s}", f"{row}.json"))) for s in (0, 1)]
+        assert ens[row][0]["val"]["each"] == pytest.approx([r["val_dice"] for r in recs], abs=1e-6)
+        assert ens[row][0]["test"]["each"] == pytest.approx([r["dice"] for r in recs], abs=1e-6)
+    # two teachers that disagree, one calling half the test pixels lesion, the other a tenth (a
+    # one-epoch teacher calls none): their ensemble differs from both
+    paths = [os.path.join(out, "fold0", f"seed{s}", "Teacher.pt") for s in (0, 1)]
+    d, _ = kd.load_split_data(kd.parse_args(train_teacher.OPTIONS, "", STUDY_TINY[:6] + ["--folds", "2"])[0])
+    test = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher.json")))["names"]
+    x, y = kd.batch(d.images, d.masks, torch.as_tensor([d.names.index(n) for n in test]))
+    logits = []
+    for path, share in zip(paths, (0.5, 0.1)):
+        ckpt = torch.load(path, weights_only=True)
+        with torch.no_grad():
+            z = kd.build_model(ckpt)(x)
+            margin = z[:, 1] - z[:, 0]  # lesion where >= 0
+            shift = -margin.flatten().quantile(1 - share)
+        ckpt["model"]["head.bias"][1] += shift
+        torch.save(ckpt, path)
+        logits.append(z + torch.stack([torch.zeros(()), shift]).view(1, 2, 1, 1))
+    each, mean = [kd.dice_iou(kd.lesion_mask(z), y)[0] for z in logits], kd.dice_iou(kd.lesion_mask(sum(logits) / 2), y)[0]
+    assert not torch.equal(mean, each[0]) and not torch.equal(mean, each[1])
+    ens = study.main(words + ["--ensembles"])["ensembles"]
+    assert ens["Teacher"][0]["test"]["per_image_dice"] == pytest.approx(mean.tolist(), abs=1e-6)
+    assert json.load(open(os.path.join(out, "ensembles.json")))["rows"]["Teacher"][0]["test"]["names"] == test
+    for s in (0, 1):
+        os.remove(os.path.join(out, "fold0", f"seed{s}", "Student.pt"))
+        os.remove(os.path.join(out, "fold0", f"seed{s}", "Teacher.pt"))
+    with pytest.raises(UserError, match="no row has checkpoints of every seed 0,1"):
+        study.main(words + ["--ensembles"])
+
+
+def test_study_ensemble_row_distils_every_seeds_teacher(tmp_path):
+    out = str(tmp_path / "s")
+    words = STUDY_TINY + ["--out", out, "--fold_list", "0", "--rows", "L_KLD_WAug_Ens3", "--pictures", "0"]
+    with pytest.raises(UserError, match="--rows L_KLD_WAug_Ens3: it distils the ensemble of seeds 0,1,2"):
+        study.main(words + ["--seeds", "0,1"])
+    res = study.main(words + ["--seeds", "0,1,2"])
+    teachers = [(t, 0, s) for s in (0, 1, 2) for t in ("Teacher", "Teacher_WAug")]
+    assert sorted(res["ran"]) == sorted(teachers + [(r, 0, s) for s in (0, 1, 2) for r in ("Student", "L_KLD_WAug_Ens3")])
+    assert res["ran"][-3:] == [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]  # after every seed's teachers
+    folder = lambda s: os.path.join(out, "fold0", f"seed{s}")
+    sha1 = [json.load(open(os.path.join(folder(s), "Teacher_WAug.json")))["sha1"] for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        rec = json.load(open(os.path.join(folder(s), "L_KLD_WAug_Ens3.json")))
+        assert rec["argv"][rec["argv"].index("--teacher") + 1] == ",".join(
+            os.path.join(folder(k), "Teacher_WAug.pt") for k in (0, 1, 2))
+        assert rec["argv"][rec["argv"].index("--seed") + 1] == str(s) and rec["teacher_sha1"] == "+".join(sha1)
+    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == []
+    # one member teacher trained again: the ensemble students of every seed run again, the others not
+    os.remove(os.path.join(folder(1), "Teacher_WAug.json"))
+    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [("Teacher_WAug", 0, 1)] + [
+        ("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
 
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
