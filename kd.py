@@ -312,7 +312,8 @@ def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_w
 # ----------------------------------------------------------------------------- training
 
 def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epochs=100, patience=20,
-        batch_size=16, lr=1e-4, aug="strong", seed=0, dice_weight=0.0, state_path=None, resume=None, tag=None):
+        batch_size=16, lr=1e-4, aug="strong", seed=0, dice_weight=0.0, state_path=None, resume=None, tag=None,
+        generators=()):
     """Train `model` (and the `extras` that learn with it: a regressor, a projector) with Adam;
     early stopping on the validation loss; returns a dict: best_epoch, best_state (the model's
     state_dict at the lowest validation loss), best_val (its validation metrics), stopped ("early
@@ -321,8 +322,9 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
     step(x, y, idx) -> dict of scalar losses, "loss" being the one to minimise; idx are the batch's
     indices into the data (routing an image to the teacher of its class needs them). After each epoch the
     validation loss (supervised, so teacher and student are judged alike) decides the best epoch.
-    If `state_path` is given, the run's whole state (weights, optimiser, the data stream's generator,
-    counters, the best weights so far, and `tag`, what identifies the run) is written there after
+    If `state_path` is given, the run's whole state (weights, optimiser, the data stream's generator
+    and the step's own `generators`, such as DCKD's anchor sampler, counters, the best weights so far,
+    and `tag`, what identifies the run) is written there after
     every epoch, atomically; `resume` is such a state, loaded, to go on from. Stops after `patience`
     epochs without improvement, at `epochs`, on Ctrl-C (going on with the best weights), or on a
     non-finite loss (FloatingPointError: the state of the last good epoch stays on disk).
@@ -339,6 +341,8 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
         opt.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         generator.set_state(resume["generator"])
+        for g, state in zip(generators, resume.get("generators", ())):
+            g.set_state(state)
         run = resume["run"]
         print(f"resumed after epoch {run['epoch']} (best {run['best_loss']:.4f} @ {run['best_epoch']})")
     stopped = "last epoch"
@@ -375,7 +379,8 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
                 save_checkpoint(state_path, dict(project=PROJECT, kind="state", tag=tag, run=run,
                                                  modules=[m.state_dict() for m in modules],
                                                  optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                                                 generator=generator.get_state()))
+                                                 generator=generator.get_state(),
+                                                 generators=[g.get_state() for g in generators]))
             s = run["seconds"]
             left = (epochs - epoch) * (sum(s[1:]) / (len(s) - 1) if len(s) > 1 else s[0])  # epoch 1 also warms up
             comps = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")

@@ -884,6 +884,28 @@ def test_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
     assert not os.path.exists(kd.state_path(out))  # a finished run leaves no state behind
 
 
+def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch):
+    # DCKD draws its anchors from a generator of its own: the saved state must carry it too
+    words = ["--teacher", tiny_teacher[0], "--pathway", "dckd", "--dckd_level", "dec3", "--anchors", "4",
+             "--negatives", "4", "--hard", "2", "--width", "2", "--epochs", "3", "--batch_size", "4",
+             "--no-alone", "--device", "cpu"]
+    straight = train_student.main(words + ["--out", str(tmp_path / "a.pt")])
+    real = kd.save_checkpoint
+
+    def killed_after_epoch_1(path, ckpt):
+        real(path, ckpt)
+        if ckpt.get("kind") == "state" and ckpt["run"]["epoch"] == 1:
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(kd, "save_checkpoint", killed_after_epoch_1)
+    out = str(tmp_path / "b.pt")
+    with pytest.raises(SystemExit):
+        train_student.main(words + ["--out", out])
+    monkeypatch.setattr(kd, "save_checkpoint", real)
+    resumed = train_student.main(words + ["--out", out, "--resume"])
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+
+
 def test_resume_refuses_other_options_and_a_missing_state(tmp_path, monkeypatch):
     out = str(tmp_path / "t.pt")
     real = kd.save_checkpoint

@@ -189,7 +189,8 @@ def make_step(args, student, teacher, classes=None, regressor=None, projector=No
     """One training step of the student, step(x, y, idx) -> dict of losses ("loss" is minimised):
     what --pathway, --loss, --sup and the rest of `args` say. `teacher` is frozen; with class
     teachers, classes[idx] is each image's teacher. The regressor (HR) and the projector (DCKD)
-    learn with the student."""
+    learn with the student. step.generators: the random generators it draws from (saved with a
+    run's state, so that a resumed run draws what an uninterrupted one would)."""
     anchor_generator = torch.Generator().manual_seed(args.seed)  # DCKD's own: the data stream stays as it is
 
     def teach(x, idx):
@@ -220,6 +221,7 @@ def make_step(args, student, teacher, classes=None, regressor=None, projector=No
                    for p in PATHS[args.pathway])
         return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
 
+    step.generators = (anchor_generator,)
     return step
 
 
@@ -238,7 +240,7 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag):
     run = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
                  epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, aug=args.aug,
                  seed=args.seed, dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
-                 resume=kd.resume_state(args, tag), tag=tag)
+                 resume=kd.resume_state(args, tag), tag=tag, generators=step.generators)
     student.load_state_dict(run["best_state"])
     test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
     test.update(names=[data.names[i] for i in split["test"]], train_seconds=run["train_seconds"])
