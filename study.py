@@ -288,9 +288,16 @@ def summarise(records, rows, n_perm, perm_seed):
     def per_image(row):  # (fold, seed, image) -> Dice
         return {(f, s, n): d for (f, s), r in runs(row).items() for n, d in zip(r["names"], r["per_image_dice"])}
 
-    def gain(row, base="Student"):
+    def dice_on(rec, names):  # a run's mean Dice over some of its test images (a class teacher's)
+        if set(names) == set(rec["names"]):
+            return rec["dice"]
+        own = dict(zip(rec["names"], rec["per_image_dice"]))
+        return float(np.mean([own[n] for n in names]))
+
+    def gain(row, base="Student"):  # paired by fold and seed, on the images the row was tested on
         mine, theirs = runs(row), runs(base)
-        return paired_interval([mine[k]["dice"] - theirs[k]["dice"] for k in sorted(mine.keys() & theirs.keys())])
+        return paired_interval([mine[k]["dice"] - dice_on(theirs[k], mine[k]["names"])
+                                for k in sorted(mine.keys() & theirs.keys())])
 
     out = {}
     for row in rows:
@@ -361,7 +368,8 @@ def format_table(summary, args):
         "Gain: the row's Dice minus the student alone's, paired by fold and seed, mean and 95% t interval over the "
         "pairs (each fold-seed pair taken as an independent replicate; folds share training images, so the "
         "interval is if anything too narrow). Verdict: 'above 0' or 'below 0' when the interval excludes 0, "
-        "else too close to call. Share of teacher's lead: gain / (its teacher - student alone), means over the pairs.",
+        "else too close to call. Share of teacher's lead: gain / (its teacher - student alone), means over the pairs. "
+        "A class teacher is tested on its class's test images only, and its gain is over the student alone on those.",
         f"p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold, seed and "
         f"name ({args.n_perm} random sign flips with seed {args.perm_seed} above 20 pairs, else exact); it is "
         f"conditional on the trained models (it asks whether these models differ on these images, not whether "

@@ -1561,6 +1561,11 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert s["pairs_vs_student"] == 48 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
     assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
     assert "| L_KLD | 4 |" in study.format_table(summary, study.kd.parse_args(study.OPTIONS, "", [])[0])
+    # a class teacher, tested on half the images: its gain is over the student alone on that half
+    for k in keys:
+        records[("Teacher_benign",) + k] = dict(rec("Teacher_benign", *k, [0.9] * 6), names=records[("Student",) + k]["names"][:6])
+    half = study.summarise(records, ["Teacher_benign", "Student"], n_perm=99, perm_seed=0)["Teacher_benign"]["gain"]
+    assert half[0] == pytest.approx(0.9 - np.mean([np.mean(base[k][:6]) for k in keys]))
 
 
 # ----------------------------------------------------------------------------- the study, end to end
