@@ -571,15 +571,23 @@ def main(argv=None):
                         if rec is not None:
                             records[r, f, s] = rec
                 continue
-            pending = [(r, s) for r in students for s in seeds
-                       if any(t_recs[k] is None for k in teacher_runs(r, s)) or stored(r, f, s, args, t_recs, say=False) is None]
-            needed = {k for r, s in pending for k in teacher_runs(r, s)}
-            # seed by seed: the teachers (again only when missing, or when a pending student needs a
-            # checkpoint that is gone), then the students; ensemble rows when every seed's teachers are there
+            # The teachers to train (again): those without a record, and those whose checkpoint is gone
+            # while a student still to run needs it. A teacher trained again makes every student made
+            # from it run again, and such a student may need more gone checkpoints (an ensemble row
+            # needs every seed's teacher): grow the set until it stops growing.
+            gone = lambda k: not os.path.isfile(os.path.join(run_folder(args, f, k[1]), k[0] + ".pt"))
+            retrain = {k for k, rec in t_recs.items() if rec is None}
+            while True:
+                pending = [(r, s) for r in students for s in seeds if set(teacher_runs(r, s)) & retrain
+                           or stored(r, f, s, args, t_recs, say=False) is None]
+                more = {k for r, s in pending for k in teacher_runs(r, s) if gone(k)} - retrain
+                if not more:
+                    break
+                retrain |= more
+            # seed by seed: those teachers, then the students; ensemble rows when every seed's teachers are there
             for s in seeds + [None]:
                 for t in (teachers if s is not None else []):
-                    gone = not os.path.isfile(os.path.join(run_folder(args, f, s), t + ".pt"))
-                    if t_recs[t, s] is None or ((t, s) in needed and gone):
+                    if (t, s) in retrain:
                         t_recs[t, s] = run(t, f, s, args, label(), precision)
                         ran.append((t, f, s))
                     records[t, f, s] = t_recs[t, s]

@@ -1693,6 +1693,16 @@ def test_study_ensemble_row_distils_every_seeds_teacher(tmp_path):
     os.remove(os.path.join(folder(1), "Teacher_WAug.json"))
     assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [("Teacher_WAug", 0, 1)] + [
         ("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
+    # a single-seed student to run again whose teacher's checkpoint is gone: that teacher trains
+    # again, which makes the ensemble students run again, and they need the other seeds' teachers,
+    # whose checkpoints are gone too: all three train again, before any student runs
+    words[words.index("--rows") + 1] = "L_KLD_WAug,L_KLD_WAug_Ens3"
+    study.main(words + ["--seeds", "0,1,2"])
+    os.remove(os.path.join(folder(0), "L_KLD_WAug.json"))
+    for s in (0, 1, 2):
+        os.remove(os.path.join(folder(s), "Teacher_WAug.pt"))
+    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [
+        (r, 0, s) for s in (0, 1, 2) for r in ("Teacher_WAug", "L_KLD_WAug")] + [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
 
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
