@@ -341,8 +341,12 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
         opt.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         generator.set_state(resume["generator"])
-        for g, state in zip(generators, resume.get("generators", ())):
+        saved = resume.get("generators", ())
+        for g, state in zip(generators, saved):
             g.set_state(state)
+        if len(saved) != len(generators):  # a state saved before the step had these generators
+            print(f"note: the saved state holds {len(saved)} of the step's {len(generators)} random generators; "
+                  f"the others start afresh, so this run will not repeat an uninterrupted one exactly")
         run = resume["run"]
         print(f"resumed after epoch {run['epoch']} (best {run['best_loss']:.4f} @ {run['best_epoch']})")
     stopped = "last epoch"

@@ -884,7 +884,7 @@ def test_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
     assert not os.path.exists(kd.state_path(out))  # a finished run leaves no state behind
 
 
-def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch):
+def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch, capsys):
     # DCKD draws its anchors from a generator of its own: the saved state must carry it too
     words = ["--teacher", tiny_teacher[0], "--pathway", "dckd", "--dckd_level", "dec3", "--anchors", "4",
              "--negatives", "4", "--hard", "2", "--width", "2", "--epochs", "3", "--batch_size", "4",
@@ -904,6 +904,18 @@ def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp
     monkeypatch.setattr(kd, "save_checkpoint", real)
     resumed = train_student.main(words + ["--out", out, "--resume"])
     assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+    # a state saved without the step's generators (as before they were saved) resumes, and says
+    # that the run will not repeat an uninterrupted one
+    monkeypatch.setattr(kd, "save_checkpoint", killed_after_epoch_1)
+    with pytest.raises(SystemExit):
+        train_student.main(words + ["--out", out])
+    monkeypatch.setattr(kd, "save_checkpoint", real)
+    state = torch.load(kd.state_path(out), weights_only=False)
+    del state["generators"]
+    torch.save(state, kd.state_path(out))
+    capsys.readouterr()
+    train_student.main(words + ["--out", out, "--resume"])
+    assert "holds 0 of the step's 1 random generators" in capsys.readouterr().out
 
 
 def test_resume_refuses_other_options_and_a_missing_state(tmp_path, monkeypatch):
