@@ -122,6 +122,19 @@ class Ensemble(nn.Module):
         return (logits, {}) if return_features else logits
 
 
+class Mirrored(nn.Module):
+    """A trained U-Net's mean logits on the image and on its mirror image (left-right, mirrored
+    back): test-time augmentation, the teacher train_student.py --teacher_flip distils from. It
+    costs a second forward pass; the lesion's side carries no diagnosis, so both views are fair."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return (self.model(x) + self.model(x.flip(-1)).flip(-1)) / 2
+
+
 class ClassTeachers(nn.Module):
     """T2KD's two class teachers used as one (Guo et al. 2025): U-Nets of one width, each trained on
     the images of one class only (train_teacher.py --only_class). route="label": every image goes to

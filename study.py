@@ -17,7 +17,8 @@ must run and its checkpoint is gone; its students' records name the teacher chec
 made from (sha1), and those made from another one run again. The records alone (no checkpoints)
 are enough to print the table. At the end it writes table.md (printed too), results.json and
 pictures.png into the study folder. With --ensembles it trains nothing and asks whether a teacher
-could know more: each teacher row against the mean-logits ensemble of its seeds (ensembles.json).
+could know more: each teacher row against the mean-logits ensemble of its seeds and against itself
+on the image and its mirror image (ensembles_fold<F>_seed<S>.json, named by the folds and seeds).
 """
 import argparse
 import glob
@@ -34,7 +35,7 @@ from data import UserError
 import kd
 import train_student
 import train_teacher
-from models import Ensemble
+from models import Ensemble, Mirrored
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("data", kd.DEFAULT_DATA, "BUSI folder, a folder with images/ and masks/, or 'phantom'"),
@@ -65,7 +66,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("table_only", False, "train nothing: print the table from the records already in --out (a part of the "
                           "runs, or all of them)"),
     ("ensembles", False, "train nothing: with the checkpoints of every seed in --out, test each teacher (and the "
-                         "student alone) against the mean-logits ensemble of its seeds; writes ensembles.json"),
+                         "student alone) against the mean-logits ensemble of its seeds and its mirrored self; writes "
+                         "ensembles_fold<F>_seed<S>.json"),
     ("pictures", 4, "test images of the first fold shown in pictures.png (0: no picture)"),
     ("out", "out/study", "the study folder: runs, checkpoints, table.md, results.json, pictures.png"),
 ]
@@ -389,7 +391,9 @@ def ensembles(args, folds, seeds, rows):
     """How much a teacher gains when its seeds vote: per fold, each teacher row's (and the student
     alone's) checkpoints of every seed, and the mean of their logits (models.Ensemble, the teacher a
     student can distil with train_student.py --teacher A.pt,B.pt,C.pt), on the validation and test
-    parts. Trains nothing; needs the checkpoints the study left in --out. Returns {row: [per fold]}."""
+    parts; and each seed's model averaged with its mirror image (models.Mirrored, what
+    --teacher_flip distils). Trains nothing; needs the checkpoints the study left in --out.
+    Returns {row: [per fold]}."""
     device = kd.pick_device(args.device)
     dtype = kd.amp_dtype(device, args.amp)
     found = {}
@@ -410,26 +414,30 @@ def ensembles(args, folds, seeds, rows):
             models = [kd.to_device(kd.build_model(c), device) for c in ckpts]
             rec = dict(fold=f, seeds=seeds, sha1=[kd.file_hash(p) for p in paths])
             for part in ("val", "test"):
-                each = [kd.evaluate(m, images, masks, splits[f][part], device, dtype)["dice"] for m in models]
-                both = kd.evaluate(Ensemble(models), images, masks, splits[f][part], device, dtype)
-                rec[part] = dict(each=each, ensemble=both["dice"], names=named[part],
+                score = lambda m: kd.evaluate(m, images, masks, splits[f][part], device, dtype)
+                each, flipped = [score(m)["dice"] for m in models], [score(Mirrored(m))["dice"] for m in models]
+                both = score(Ensemble(models))
+                rec[part] = dict(each=each, flipped=flipped, ensemble=both["dice"], names=named[part],
                                  per_image_dice=both["per_image_dice"])
             found.setdefault(row, []).append(rec)
     if not found:
         raise UserError(f"--out {args.out}: no row has checkpoints of every seed {','.join(map(str, seeds))} there; "
                         f"run the study first (the records alone cannot be ensembled)")
     pct = lambda x: f"{100 * x:.2f}"
-    lines = ["| Row | Fold | Val Dice %: each seed | mean | ensemble | Test Dice %: mean | ensemble |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| Row | Fold | Val Dice %: each seed | mean | mirrored, mean | ensemble | Test Dice %: mean "
+             "| mirrored, mean | ensemble |", "|---|---|---|---|---|---|---|---|---|"]
     for row, recs in found.items():
         for r in recs:
             v, t = r["val"], r["test"]
             lines.append(f"| {row} | {r['fold']} | {' / '.join(map(pct, v['each']))} | {pct(np.mean(v['each']))} "
-                         f"| {pct(v['ensemble'])} | {pct(np.mean(t['each']))} | {pct(t['ensemble'])} |")
-    lines.append(f"\nSeeds {','.join(map(str, seeds))}; ensemble: the mean of the seeds' logits, thresholded at "
+                         f"| {pct(np.mean(v['flipped']))} | {pct(v['ensemble'])} | {pct(np.mean(t['each']))} "
+                         f"| {pct(np.mean(t['flipped']))} | {pct(t['ensemble'])} |")
+    lines.append(f"\nSeeds {','.join(map(str, seeds))}; mirrored: each seed's model, the mean of its logits on the "
+                 f"image and its mirror image; ensemble: the mean of the seeds' logits; thresholded at "
                  f"probability 0.5; {kd.precision_name(dtype)}.")
     print("\n".join(lines))
-    kd.write_json(os.path.join(args.out, "ensembles.json"), dict(rows=found, table="\n".join(lines)))
+    name = f"ensembles_fold{'-'.join(map(str, folds))}_seed{'-'.join(map(str, seeds))}.json"  # one probe, one file
+    kd.write_json(os.path.join(args.out, name), dict(rows=found, table="\n".join(lines)))
     return found
 
 

@@ -1662,21 +1662,26 @@ def test_study_seeds_are_paired_runs(tmp_path):
     d, _ = kd.load_split_data(kd.parse_args(train_teacher.OPTIONS, "", STUDY_TINY[:6] + ["--folds", "2"])[0])
     test = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher.json")))["names"]
     x, y = kd.batch(d.images, d.masks, torch.as_tensor([d.names.index(n) for n in test]))
-    logits = []
+    logits, mirrored = [], []
     for path, share in zip(paths, (0.5, 0.1)):
         ckpt = torch.load(path, weights_only=True)
         with torch.no_grad():
-            z = kd.build_model(ckpt)(x)
+            model = kd.build_model(ckpt).eval()
+            z = model(x)
             margin = z[:, 1] - z[:, 0]  # lesion where >= 0
-            shift = -margin.flatten().quantile(1 - share)
-        ckpt["model"]["head.bias"][1] += shift
+            shift = torch.stack([torch.zeros(()), -margin.flatten().quantile(1 - share)]).view(1, 2, 1, 1)
+            mirrored.append((z + model(x.flip(-1)).flip(-1)) / 2 + shift)  # the mirror image, mirrored back
+        ckpt["model"]["head.bias"] += shift.flatten()
         torch.save(ckpt, path)
-        logits.append(z + torch.stack([torch.zeros(()), shift]).view(1, 2, 1, 1))
+        logits.append(z + shift)
     each, mean = [kd.dice_iou(kd.lesion_mask(z), y)[0] for z in logits], kd.dice_iou(kd.lesion_mask(sum(logits) / 2), y)[0]
     assert not torch.equal(mean, each[0]) and not torch.equal(mean, each[1])
+    flipped = [kd.dice_iou(kd.lesion_mask(z), y)[0].mean().item() for z in mirrored]
+    assert flipped != pytest.approx([d.mean().item() for d in each], abs=1e-6)  # the mirror view changes something
     ens = study.main(words + ["--ensembles"])["ensembles"]
     assert ens["Teacher"][0]["test"]["per_image_dice"] == pytest.approx(mean.tolist(), abs=1e-6)
-    assert json.load(open(os.path.join(out, "ensembles.json")))["rows"]["Teacher"][0]["test"]["names"] == test
+    assert ens["Teacher"][0]["test"]["flipped"] == pytest.approx(flipped, abs=1e-6)
+    assert json.load(open(os.path.join(out, "ensembles_fold0_seed0-1.json")))["rows"]["Teacher"][0]["test"]["names"] == test
     for s in (0, 1):
         os.remove(os.path.join(out, "fold0", f"seed{s}", "Student.pt"))
         os.remove(os.path.join(out, "fold0", f"seed{s}", "Teacher.pt"))
