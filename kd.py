@@ -344,7 +344,7 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
         saved = resume.get("generators", ())
         for g, state in zip(generators, saved):
             g.set_state(state)
-        if len(saved) != len(generators):  # a state saved before the step had these generators
+        if len(saved) < len(generators):  # a state saved before the step's generators were saved
             print(f"note: the saved state holds {len(saved)} of the step's {len(generators)} random generators; "
                   f"the others start afresh, so this run will not repeat an uninterrupted one exactly")
         run = resume["run"]

@@ -415,8 +415,8 @@ def ensembles(args, folds, seeds, rows):
             rec = dict(fold=f, seeds=seeds, sha1=[kd.file_hash(p) for p in paths])
             for part in ("val", "test"):
                 score = lambda m: kd.evaluate(m, images, masks, splits[f][part], device, dtype)
-                each, flipped = [score(m)["dice"] for m in models], [score(Mirrored(m))["dice"] for m in models]
-                both = score(Ensemble(models))
+                each, flipped = [score(m)["dice"] for m in models], [score(Mirrored(m).eval())["dice"] for m in models]
+                both = score(Ensemble(models).eval())
                 rec[part] = dict(each=each, flipped=flipped, ensemble=both["dice"], names=named[part],
                                  per_image_dice=both["per_image_dice"])
             found.setdefault(row, []).append(rec)

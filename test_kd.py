@@ -902,8 +902,10 @@ def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp
     with pytest.raises(SystemExit):
         train_student.main(words + ["--out", out])
     monkeypatch.setattr(kd, "save_checkpoint", real)
+    capsys.readouterr()
     resumed = train_student.main(words + ["--out", out, "--resume"])
     assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+    assert "random generators" not in capsys.readouterr().out
     # a state saved without the step's generators (as before they were saved) resumes, and says
     # that the run will not repeat an uninterrupted one
     monkeypatch.setattr(kd, "save_checkpoint", killed_after_epoch_1)
@@ -1712,7 +1714,7 @@ def test_study_ensemble_row_distils_every_seeds_teacher(tmp_path):
         ("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
     # a single-seed student to run again whose teacher's checkpoint is gone: that teacher trains
     # again, which makes the ensemble students run again, and they need the other seeds' teachers,
-    # whose checkpoints are gone too: all three train again, before any student runs
+    # whose checkpoints are gone too: all three train again, before the ensemble students run
     words[words.index("--rows") + 1] = "L_KLD_WAug,L_KLD_WAug_Ens3"
     study.main(words + ["--seeds", "0,1,2"])
     os.remove(os.path.join(folder(0), "L_KLD_WAug.json"))

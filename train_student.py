@@ -221,7 +221,7 @@ def make_step(args, student, teacher, classes=None, regressor=None, projector=No
                    for p in PATHS[args.pathway])
         return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
 
-    step.generators = (anchor_generator,)
+    step.generators = (anchor_generator,) if args.pathway == "dckd" else ()  # saved and restored by kd.fit
     return step
 
 
