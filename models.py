@@ -123,16 +123,24 @@ class Ensemble(nn.Module):
 
 
 class Mirrored(nn.Module):
-    """A trained U-Net's mean logits on the image and on its mirror image (left-right, mirrored
-    back): test-time augmentation, the teacher train_student.py --teacher_flip distils from. It
-    costs a second forward pass; the lesion's side carries no diagnosis, so both views are fair."""
+    """A trained U-Net's mean outputs on the image and on its mirror image (left-right, mirrored
+    back): test-time augmentation, and the teacher train_student.py --teacher_flip distils from
+    (there with its feature maps, mirrored back and averaged the same way). It costs a second
+    forward pass; the lesion's side carries no diagnosis, so both views are fair. `extra`: what the
+    model takes after the image (ClassTeachers' class index)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.feature_channels = getattr(model, "feature_channels", {})
 
-    def forward(self, x):
-        return (self.model(x) + self.model(x.flip(-1)).flip(-1)) / 2
+    def forward(self, x, *extra, return_features=False):
+        plain = self.model(x, *extra, return_features=True)
+        mirror = self.model(x.flip(-1), *extra, return_features=True)
+        logits = (plain[0] + mirror[0].flip(-1)) / 2
+        if not return_features:
+            return logits
+        return logits, {k: (v + mirror[1][k].flip(-1)) / 2 for k, v in plain[1].items()}
 
 
 class ClassTeachers(nn.Module):

@@ -1059,6 +1059,26 @@ def test_class_teachers_route_each_image_to_its_class():
     assert (mean(torch.zeros(2, 1, 32, 32), index[:2]) == 1.5).all()
 
 
+def test_mirrored_teacher_averages_outputs_and_features_with_its_mirror_view():
+    torch.manual_seed(0)
+    unet = UNet(2).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        logits, feats = models.Mirrored(unet)(x, return_features=True)
+        (z, f), (zm, fm) = unet(x, return_features=True), unet(x.flip(-1), return_features=True)
+        for w in range(32):  # column by column: column w of the mirror view is the image's column 31 - w
+            assert torch.allclose(logits[..., w], (z[..., w] + zm[..., 31 - w]) / 2, atol=1e-6)
+        b, bm = f["bottleneck"], fm["bottleneck"]
+        assert torch.allclose(feats["bottleneck"], (b + bm.flip(-1)) / 2, atol=1e-6)
+        assert not torch.allclose(logits, z, atol=1e-3)  # the mirror view changes something
+        assert torch.equal(models.Mirrored(unet)(x), logits)
+    # class teachers take each image's class index after the image: it reaches them unchanged
+    teachers = models.ClassTeachers([Constant(1.0), Constant(2.0)], ["benign", "malignant"])
+    index = torch.tensor([1, 0])
+    out, out_feats = models.Mirrored(teachers)(torch.zeros(2, 1, 32, 32), index, return_features=True)
+    assert (out[0] == 2.0).all() and (out[1] == 1.0).all() and (out_feats["bottleneck"][0] == 2.0).all()
+    assert models.Mirrored(teachers).feature_channels == teachers.feature_channels
+
 def test_dckd_projector_learns_and_is_not_saved(tiny_teacher, tmp_path, monkeypatch):
     made, initial = [], []
     real = train_student.Projector

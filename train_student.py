@@ -41,7 +41,7 @@ import torch
 from data import UserError
 import kd
 from losses import dckd_loss, distillation_loss, supervised_loss, total_loss
-from models import ClassTeachers, Ensemble, Projector, Regressor, UNet, count_parameters, fast_model
+from models import ClassTeachers, Ensemble, Mirrored, Projector, Regressor, UNet, count_parameters, fast_model
 
 OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("teacher", "out/teacher.pt", "teacher checkpoint written by train_teacher.py; several, comma-separated, "
@@ -192,6 +192,8 @@ def make_step(args, student, teacher, classes=None, regressor=None, projector=No
     learn with the student. step.generators: the random generators it draws from (saved with a
     run's state, so that a resumed run draws what an uninterrupted one would)."""
     anchor_generator = torch.Generator().manual_seed(args.seed)  # DCKD's own: the data stream stays as it is
+    if args.teacher_flip:  # the mean of the teacher's outputs on the image and its mirror image
+        teacher = Mirrored(teacher)
 
     def teach(x, idx):
         if classes is None:
@@ -205,10 +207,6 @@ def make_step(args, student, teacher, classes=None, regressor=None, projector=No
             return dict(loss=l_sup)
         with torch.no_grad():
             t_logits, t_feats = teach(x, idx)
-            if args.teacher_flip:  # the mirror image's outputs, mirrored back, averaged in
-                m_logits, m_feats = teach(x.flip(-1), idx)
-                t_logits = (t_logits + m_logits.flip(-1)) / 2
-                t_feats = {k: (v + m_feats[k].flip(-1)) / 2 for k, v in t_feats.items()}
         if args.pathway == "dckd":
             terms = dckd_loss(projector(s_feats[args.dckd_level]), t_feats[args.dckd_level], y, anchor_generator,
                               args.anchors, args.negatives, args.tau, args.hard, args.delta)
