@@ -123,11 +123,11 @@ class Ensemble(nn.Module):
 
 
 class Mirrored(nn.Module):
-    """A trained U-Net's mean outputs on the image and on its mirror image (left-right, mirrored
-    back): test-time augmentation, and the teacher train_student.py --teacher_flip distils from
-    (there with its feature maps, mirrored back and averaged the same way). It costs a second
-    forward pass; the lesion's side carries no diagnosis, so both views are fair. `extra`: what the
-    model takes after the image (ClassTeachers' class index)."""
+    """A trained teacher's (U-Net, Ensemble or ClassTeachers) mean outputs on the image and on its
+    mirror image (left-right, mirrored back): test-time augmentation, and the teacher
+    train_student.py --teacher_flip distils from (there with its feature maps, mirrored back and
+    averaged the same way). It costs a second forward pass; the lesion's side carries no diagnosis,
+    so both views are fair. `extra`: what the model takes after the image (ClassTeachers' index)."""
 
     def __init__(self, model):
         super().__init__()
@@ -135,12 +135,12 @@ class Mirrored(nn.Module):
         self.feature_channels = getattr(model, "feature_channels", {})
 
     def forward(self, x, *extra, return_features=False):
-        plain = self.model(x, *extra, return_features=True)
-        mirror = self.model(x.flip(-1), *extra, return_features=True)
-        logits = (plain[0] + mirror[0].flip(-1)) / 2
+        plain = self.model(x, *extra, return_features=return_features)
+        mirror = self.model(x.flip(-1), *extra, return_features=return_features)
         if not return_features:
-            return logits
-        return logits, {k: (v + mirror[1][k].flip(-1)) / 2 for k, v in plain[1].items()}
+            return (plain + mirror.flip(-1)) / 2
+        (logits, feats), (m_logits, m_feats) = plain, mirror
+        return (logits + m_logits.flip(-1)) / 2, {k: (v + m_feats[k].flip(-1)) / 2 for k, v in feats.items()}
 
 
 class ClassTeachers(nn.Module):

@@ -1079,6 +1079,7 @@ def test_mirrored_teacher_averages_outputs_and_features_with_its_mirror_view():
     assert (out[0] == 2.0).all() and (out[1] == 1.0).all() and (out_feats["bottleneck"][0] == 2.0).all()
     assert models.Mirrored(teachers).feature_channels == teachers.feature_channels
 
+
 def test_dckd_projector_learns_and_is_not_saved(tiny_teacher, tmp_path, monkeypatch):
     made, initial = [], []
     real = train_student.Projector
