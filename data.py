@@ -17,6 +17,7 @@ from PIL import Image
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
 IGNORED_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+THUMB = 32  # side of the thumbnails that near-copies are found on
 
 
 class UserError(Exception):
@@ -30,6 +31,7 @@ class Dataset:
     names: list           # e.g. "benign/benign (12).png": what a split stores
     labels: list          # class name per image: what splits stratify by
     hashes: list          # sha1 of the decoded full-size pixels: identical images share one
+    thumbnails: torch.Tensor  # (N, 32, 32) uint8: each image shrunk from full size, to find near-copies
     source: str           # "busi", "folder" or "phantom"
     merged: int = 0       # images whose mask is the union of several mask files
 
@@ -61,7 +63,7 @@ def _binarise(mask):
 
 
 def _load_pair(image_path, mask_paths, size):
-    """Image and the union of its masks, resized to size x size: (image, mask, pixel hash)."""
+    """Image and the union of its masks, resized to size x size: (image, mask, pixel hash, thumbnail)."""
     image = _open(image_path, "L")
     mask = np.zeros((image.height, image.width), np.uint8)
     for mp in mask_paths:
@@ -73,15 +75,22 @@ def _load_pair(image_path, mask_paths, size):
     pixels = np.asarray(image)
     digest = hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
     # The paper resizes to a square (224 x 224) without keeping the aspect ratio; so do we.
+    thumbnail = _thumbnail(image)
     image = np.asarray(image.resize((size, size), Image.BILINEAR))
     mask = np.asarray(Image.fromarray(mask * 255).resize((size, size), Image.NEAREST)) // 255
-    return image, mask, digest
+    return image, mask, digest, thumbnail
+
+
+def _thumbnail(image):
+    """A grey PIL image shrunk to 32 x 32 (averaging, whatever its size): what near-copies share."""
+    return np.asarray(image.resize((THUMB, THUMB), Image.BILINEAR, reducing_gap=None))
 
 
 def _stack(pairs, names, labels, source, merged=0):
     images = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
     masks = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
-    return Dataset(images, masks, names, labels, [p[2] for p in pairs], source, merged)
+    thumbnails = torch.from_numpy(np.stack([p[3] for p in pairs]))
+    return Dataset(images, masks, names, labels, [p[2] for p in pairs], thumbnails, source, merged)
 
 
 def _listdir(folder):
@@ -358,7 +367,8 @@ def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
     """
     pairs, names, labels = [], [], []
     for i, (cls, image, mask, _) in enumerate(_phantom_images(count, size, seed, classes)):
-        pairs.append((image, mask.numpy().astype(np.uint8), hashlib.sha1(image.tobytes()).hexdigest()))
+        pairs.append((image, mask.numpy().astype(np.uint8), hashlib.sha1(image.tobytes()).hexdigest(),
+                      _thumbnail(Image.fromarray(image))))
         names.append(f"phantom/{cls} ({i}).png")
         labels.append(cls)
     return _stack(pairs, names, labels, "phantom")
@@ -366,20 +376,50 @@ def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
 
 # ----------------------------------------------------------------------------- splits
 
-def make_splits(labels, hashes, folds=3, seed=0, val_fraction=0.15):
+def near_duplicate_groups(thumbnails, hashes, threshold=0.95):
+    """A group key per image: images with identical pixels, or whose thumbnails correlate above
+    `threshold` (Pearson's r over the 32 x 32 pixels), share one, and so does every chain of such
+    pairs (a union-find). threshold 0: exact copies only.
+
+    Why 0.95: BUSI holds many near-copies (the same scan saved twice, shifted or re-annotated; a
+    published audit counts about 235). Over its 647 lesion images, the highest correlation of each
+    image with any other falls into two humps: unrelated scans of similar anatomy, mostly 0.7-0.92,
+    and near-copies, mostly above 0.96, with few images between 0.92 and 0.95."""
+    parent = list(range(len(hashes)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = {}
+    pairs = [(i, first.setdefault(h, i)) for i, h in enumerate(hashes)]  # exact copies
+    if threshold > 0:
+        x = thumbnails.flatten(1).double()
+        x = x - x.mean(1, keepdim=True)
+        x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-9)  # a flat thumbnail correlates with nothing
+        pairs += (x @ x.T > threshold).nonzero().tolist()
+    for i, j in pairs:
+        parent[root(i)] = root(j)
+    return [root(i) for i in range(len(hashes))]
+
+
+def make_splits(labels, groups, folds=3, seed=0, val_fraction=0.15):
     """k folds, stratified by class, deterministic from `seed`, leakage-safe.
 
-    Images with identical pixels (same hash) form one group and always land on the same side
-    of every boundary (BUSI holds one image under both benign and malignant). Groups of each
-    class are shuffled and dealt round-robin over the folds; fold i is the test part of split i,
-    and a `val_fraction` of each class's remaining groups is its validation part (for early
-    stopping); the rest is training. Returns a list of dicts of sorted index lists.
+    Images of one group (same key in `groups`: identical pixels, or near-copies, see
+    near_duplicate_groups) always land on the same side of every boundary (BUSI holds one image
+    under both benign and malignant). Groups of each class (that of their first image) are shuffled
+    and dealt round-robin over the folds; fold i is the test part of split i, and a `val_fraction`
+    of each class's remaining groups is its validation part (for early stopping); the rest is
+    training. Returns a list of dicts of sorted index lists.
     """
-    groups = {}  # hash -> indices, in order of first appearance
-    for i, h in enumerate(hashes):
-        groups.setdefault(h, []).append(i)
+    by_key = {}  # group key -> indices, in order of first appearance
+    for i, key in enumerate(groups):
+        by_key.setdefault(key, []).append(i)
     by_class = {}
-    for members in groups.values():
+    for members in by_key.values():
         by_class.setdefault(labels[members[0]], []).append(members)
     rng = np.random.default_rng(seed)
     fold_of, start = {}, 0

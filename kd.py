@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from data import BUSI_CLASSES, UserError, augment, load_data, make_splits, normalize
+from data import BUSI_CLASSES, UserError, augment, load_data, make_splits, near_duplicate_groups, normalize
 from losses import supervised_loss
 from models import UNet
 
@@ -79,7 +79,8 @@ def check_options(args):
     check_at_least(args)
     for k, ok, rule in (("lr", lambda v: v > 0, "above 0"), ("T", lambda v: v > 0, "above 0"),
                         ("alpha", lambda v: 0 <= v <= 1, "in [0, 1]"), ("dice_weight", lambda v: v >= 0, "0 or more"),
-                        ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)")):
+                        ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"), ("warmup", lambda v: v >= 0, "0 or more"),
+                        ("near_dup", lambda v: 0 <= v <= 1, "in [0, 1]")):
         if hasattr(args, k) and not ok(getattr(args, k)):
             raise UserError(f"--{k} {getattr(args, k)}: must be {rule}")
     if not 0 <= args.fold < args.folds:
@@ -94,10 +95,11 @@ def load_split_data(args):
     if not set(classes) <= set(BUSI_CLASSES) or len(set(classes)) != len(classes):
         raise UserError(f"--classes {args.classes}: give distinct names from {','.join(BUSI_CLASSES)}")
     data = load_data(args.data, classes, args.size, args.phantom_count, args.data_seed)
+    groups = near_duplicate_groups(data.thumbnails, data.hashes, args.near_dup)
     if getattr(args, "split", None):
         splits = load_splits(args.split, data, args.folds)
     else:
-        splits = make_splits(data.labels, data.hashes, args.folds, args.data_seed, args.val_fraction)
+        splits = make_splits(data.labels, groups, args.folds, args.data_seed, args.val_fraction)
     split = splits[args.fold]
     if not all(split.values()):
         raise UserError(f"--data {args.data}: {len(data)} images are too few for {args.folds} folds with a validation "
@@ -111,6 +113,10 @@ def load_split_data(args):
     if data.merged or copies:
         print(f"data: masks merged for {data.merged} images with several mask files; {copies} exact duplicate "
               f"image(s), kept on the same side of the split as their copy")
+    near = len(data) - len(set(groups)) - copies
+    if near and not getattr(args, "split", None):
+        print(f"data: {near} near-copies (thumbnails correlating above --near_dup "
+              f"{args.near_dup}) kept on the same side of the split as the image they copy")
     return data, splits
 
 
@@ -125,10 +131,11 @@ def only_class(split, data, cls):
     return {part: [i for i in idx if data.labels[i] == cls] for part, idx in split.items()}
 
 
-def save_splits(path, data, splits, seed):
-    """Write every fold's split as image names (JSON), with the seed and the data's fingerprint, so
-    that another model can be trained and tested on exactly the same parts."""
-    write_json(path, dict(project=PROJECT, seed=seed, data_fingerprint=data.fingerprint(), images=len(data),
+def save_splits(path, data, splits, seed, near_dup):
+    """Write every fold's split as image names (JSON), with the seed, the near-copy threshold and the
+    data's fingerprint, so that another model can be trained and tested on exactly the same parts."""
+    write_json(path, dict(project=PROJECT, seed=seed, near_dup=near_dup, data_fingerprint=data.fingerprint(),
+                          images=len(data),
                           folds=[{k: [data.names[i] for i in v] for k, v in s.items()} for s in splits]))
 
 
@@ -229,6 +236,14 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def run_seed(seed, fold):
+    """The seed of one (fold, seed) run, drawn from both: every fold's seed s starts from weights of
+    its own and sees a data stream of its own, so that 3 folds x 3 seeds are 9 independent
+    replicates, not 3 initialisations seen three times. (A student and its teacher of the same
+    fold and seed share it, and so do the student alone and the distilled one: that pairing is meant.)"""
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -311,44 +326,46 @@ def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_w
 
 # ----------------------------------------------------------------------------- training
 
-def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epochs=100, patience=20,
-        batch_size=16, lr=1e-4, aug="strong", seed=0, dice_weight=0.0, state_path=None, resume=None, tag=None,
-        generators=()):
-    """Train `model` (and the `extras` that learn with it: a regressor, a projector) with Adam;
-    early stopping on the validation loss; returns a dict: best_epoch, best_state (the model's
-    state_dict at the lowest validation loss), best_val (its validation metrics), stopped ("early
-    stop", "last epoch" or "interrupted"), train_seconds.
+def lr_factor(step, total, warmup, schedule):
+    """The learning rate at optimiser step `step` (0-based) of `total`, as a share of the base rate.
+    constant: 1 throughout (the paper). cosine: a linear warm-up over the first `warmup` steps, then
+    half a cosine down to 0 at the last step: large steps while the weights are far from a good
+    place, small ones to settle into it."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    step(x, y, idx) -> dict of scalar losses, "loss" being the one to minimise; idx are the batch's
-    indices into the data (routing an image to the teacher of its class needs them). After each epoch the
-    validation loss (supervised, so teacher and student are judged alike) decides the best epoch.
-    If `state_path` is given, the run's whole state (weights, optimiser, the data stream's generator
-    and the step's own `generators`, such as DCKD's anchor sampler, counters, the best weights so far,
-    and `tag`, what identifies the run) is written there after
-    every epoch, atomically; `resume` is such a state, loaded, to go on from. Stops after `patience`
-    epochs without improvement, at `epochs`, on Ctrl-C (going on with the best weights), or on a
-    non-finite loss (FloatingPointError: the state of the last good epoch stays on disk).
-    """
+
+def steps_per_epoch(n_train, batch_size):
+    """How many batches `batches` makes of n_train images (a last batch of one joins the one before)."""
+    n = math.ceil(n_train / batch_size)
+    return n - 1 if n > 1 and n_train - (n - 1) * batch_size == 1 else n
+
+
+def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epochs=100, patience=20,
+        batch_size=16, lr=1e-4, schedule="constant", warmup=0, select="loss", aug="strong", seed=0,
+        dice_weight=0.0, state_path=None, resume=None, tag=None, generators=()):
+    """Train `model` (and the `extras` that learn with it: a regressor, a projector) with Adam at a
+    learning rate that follows `schedule` (lr_factor; `warmup` in epochs); keep the weights of the
+    best validation epoch, by its supervised loss (select="loss", the paper) or its Dice ("dice").
+    step(x, y, idx) -> dict of scalar losses, "loss" being the one minimised; idx are the batch's
+    indices into the data (routing an image to the teacher of its class needs them).
+    Stops after `patience` epochs without a better validation score, at `epochs`, on Ctrl-C (going
+    on with the best weights), or on a non-finite loss (FloatingPointError). With `state_path`, the
+    whole state is saved there after every epoch (save_state); `resume` is such a state, loaded.
+    Returns dict(best_epoch, best_state, best_val, stopped, train_seconds, history)."""
     modules = [model, *extras]
     opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
+    per_epoch = steps_per_epoch(len(split["train"]), batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, epochs * per_epoch, warmup * per_epoch, schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     generator = data_generator(device, seed)
     train_idx = torch.as_tensor(split["train"], device=device)
-    run = dict(epoch=0, best_loss=math.inf, best_epoch=0, best_state=None, best_val=None, seconds=[])
-    if resume is not None:
-        for m, state in zip(modules, resume["modules"]):
-            m.load_state_dict(state)
-        opt.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        generator.set_state(resume["generator"])
-        saved = resume.get("generators", ())
-        for g, state in zip(generators, saved):
-            g.set_state(state)
-        if len(saved) < len(generators):  # a state saved before the step's generators were saved
-            print(f"note: the saved state holds {len(saved)} of the step's {len(generators)} random generators; "
-                  f"the others start afresh, so this run will not repeat an uninterrupted one exactly")
-        run = resume["run"]
-        print(f"resumed after epoch {run['epoch']} (best {run['best_loss']:.4f} @ {run['best_epoch']})")
+    loop = dict(modules=modules, opt=opt, sched=sched, scaler=scaler, generators=[generator, *generators])
+    run = load_state(resume, **loop) if resume is not None else new_run()
     stopped = "last epoch"
     try:
         for epoch in range(run["epoch"] + 1, epochs + 1):
@@ -364,35 +381,18 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
                 scaler.scale(parts["loss"]).backward()
                 scaler.step(opt)
                 scaler.update()
+                sched.step()
                 for k, v in parts.items():  # summed on the device: no host sync per step
                     sums[k] = sums.get(k, 0) + v.detach().float() * len(idx)
             train = {k: float(v) / len(train_idx) for k, v in sums.items()}
             val = evaluate(model, images, masks, split["val"], device, dtype, batch_size, dice_weight)
-            for what, loss in (("training", train["loss"]), ("validation", val["loss"])):
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{what} loss became {loss} at epoch {epoch}; "
-                        + (f"the state after epoch {run['epoch']} is in {state_path}" if state_path and run["epoch"]
-                           else "nothing was saved") + "; try a lower --lr or --amp off")
-            if val["loss"] < run["best_loss"]:
-                run.update(best_loss=val["loss"], best_epoch=epoch, best_val=val,
-                           best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-            run["epoch"] = epoch
-            run["seconds"].append(time.time() - t0)
+            check_finite(train["loss"], val["loss"], epoch, run["epoch"], state_path)
+            end_epoch(run, epoch, model, train, val, select, opt.param_groups[0]["lr"], time.time() - t0)
             if state_path:
-                save_checkpoint(state_path, dict(project=PROJECT, kind="state", tag=tag, run=run,
-                                                 modules=[m.state_dict() for m in modules],
-                                                 optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                                                 generator=generator.get_state(),
-                                                 generators=[g.get_state() for g in generators]))
-            s = run["seconds"]
-            left = (epochs - epoch) * (sum(s[1:]) / (len(s) - 1) if len(s) > 1 else s[0])  # epoch 1 also warms up
-            comps = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
-            print(f"epoch {epoch:3d}/{epochs} | train {train['loss']:.4f}" + (f" ({comps})" if comps else "")
-                  + f" | val loss {val['loss']:.4f} dice {100 * val['dice']:.1f} | best {run['best_loss']:.4f} @ "
-                  + f"{run['best_epoch']} | {s[-1]:.1f}s, at most {fmt_time(left)} left", flush=True)
+                save_state(state_path, run, tag, **loop)
+            print_epoch(run, epochs, train)
             if epoch - run["best_epoch"] >= patience:
-                print(f"early stop: no better validation loss for {patience} epochs")
+                print(f"early stop: no better validation {select} for {patience} epochs")
                 stopped = "early stop"
                 break
     except KeyboardInterrupt:
@@ -401,7 +401,45 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
         print(f"\ninterrupted: going on with the best weights (epoch {run['best_epoch']})")
         stopped = "interrupted"
     return dict(best_epoch=run["best_epoch"], best_state=run["best_state"], best_val=run["best_val"],
-                stopped=stopped, train_seconds=sum(run["seconds"]))
+                stopped=stopped, train_seconds=sum(run["seconds"]), history=run["history"])
+
+
+def new_run():
+    """The counters of a run that has not trained yet: the last epoch done, the best one so far
+    (its score: lower is better), its weights and validation metrics, seconds and metrics per epoch."""
+    return dict(epoch=0, best_score=math.inf, best_epoch=0, best_state=None, best_val=None, seconds=[], history=[])
+
+
+def end_epoch(run, epoch, model, train, val, select, lr, seconds):
+    """Book an epoch into `run`; keep the model's weights if its validation score is the best yet."""
+    score = val["loss"] if select == "loss" else -val["dice"]
+    if score < run["best_score"]:
+        run.update(best_score=score, best_epoch=epoch, best_val=val,
+                   best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    run["epoch"] = epoch
+    run["seconds"].append(seconds)
+    run["history"].append(dict(epoch=epoch, lr=lr, train_loss=train["loss"], val_loss=val["loss"], val_dice=val["dice"]))
+
+
+def check_finite(train_loss, val_loss, epoch, saved_epoch, state_path):
+    """A loss that became NaN or infinite ends the run with one line that says what is kept."""
+    for what, loss in (("training", train_loss), ("validation", val_loss)):
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"{what} loss became {loss} at epoch {epoch}; "
+                + (f"the state after epoch {saved_epoch} is in {state_path}" if state_path and saved_epoch
+                   else "nothing was saved") + "; try a lower --lr or --amp off")
+
+
+def print_epoch(run, epochs, train):
+    h, s = run["history"][-1], run["seconds"]
+    left = (epochs - h["epoch"]) * (sum(s[1:]) / (len(s) - 1) if len(s) > 1 else s[0])  # epoch 1 also warms up
+    comps = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
+    best = run["best_val"]
+    print(f"epoch {h['epoch']:3d}/{epochs} | lr {h['lr']:.1e} | train {train['loss']:.4f}" + (f" ({comps})" if comps else "")
+          + f" | val loss {h['val_loss']:.4f} dice {100 * h['val_dice']:.1f} | best @ {run['best_epoch']} "
+          + f"(loss {best['loss']:.4f} dice {100 * best['dice']:.1f}) | {s[-1]:.1f}s, at most {fmt_time(left)} left",
+          flush=True)
 
 
 def fmt_time(seconds):
@@ -500,6 +538,36 @@ def run_tag(args, data, split, **more):
     return dict(options={k: v for k, v in sorted(vars(args).items()) if k not in HOW_OPTIONS},
                 split={k: [data.names[i] for i in v] for k, v in split.items()},
                 data_fingerprint=data.fingerprint(), **more)
+
+
+def save_state(path, run, tag, modules, opt, sched, scaler, generators):
+    """Write all that an unfinished run needs to go on as if never stopped: weights, optimiser,
+    schedule, grad scaler, random generators (the data stream's first), the run's counters, and
+    `tag`, what identifies the run. Atomic: a kill mid-write keeps the previous state."""
+    save_checkpoint(path, dict(project=PROJECT, kind="state", tag=tag, run=run,
+                               modules=[m.state_dict() for m in modules], optimizer=opt.state_dict(),
+                               scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                               generator=generators[0].get_state(),
+                               generators=[g.get_state() for g in generators[1:]]))
+
+
+def load_state(state, modules, opt, sched, scaler, generators):
+    """Put a state written by save_state back into a run's parts; returns the run's counters."""
+    for m, s in zip(modules, state["modules"]):
+        m.load_state_dict(s)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    generators[0].set_state(state["generator"])
+    saved = state.get("generators", ())
+    for g, s in zip(generators[1:], saved):
+        g.set_state(s)
+    if len(saved) < len(generators) - 1:  # a state saved before the step's generators were saved
+        print(f"note: the saved state holds {len(saved)} of the step's {len(generators) - 1} random generators; "
+              f"the others start afresh, so this run will not repeat an uninterrupted one exactly")
+    run = state["run"]
+    print(f"resumed after epoch {run['epoch']} (best @ {run['best_epoch']})")
+    return run
 
 
 def state_path(out):

@@ -48,12 +48,19 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("phantom_count", 240, "number of phantom images"),
     ("data_seed", 0, "seed of the split (and of the phantom)"),
     ("val_fraction", 0.15, "share of the training part held out for early stopping"),
+    ("near_dup", 0.95, "thumbnail correlation above which images are near-copies, kept on one side of the split "
+     "(0: exact copies only)"),
     ("teacher_width", 64, "teacher U-Net width: 64 = 31.0M params, 112 = 95.0M (the paper's scale)"),
     ("student_width", 10, "student U-Net width: 10 = 0.76M params (the paper: 0.82M)"),
     ("epochs", 100, "most epochs of every run (the paper: 500)"),
     ("patience", 20, "early stopping patience of every run (the paper: 50)"),
     ("batch_size", 16, "images per step (the paper: 64)"),
     ("lr", 1e-4, "Adam learning rate (the paper: 1e-4)"),
+    ("schedule", "constant", "learning rate over a run: constant (the paper) or cosine (warm-up, then cosine decay)",
+     ["constant", "cosine"]),
+    ("warmup", 3, "epochs of linear warm-up of the cosine schedule"),
+    ("select", "loss", "which epoch's weights a run keeps: lowest validation loss (the paper) or highest validation "
+     "Dice", ["loss", "dice"]),
     ("alpha", 0.5, "weight of L_distill in Eq. I (the paper: 0.5)"),
     ("T", 1.0, "KLD temperature (the paper gives none: 1)"),
     ("seeds", "0", "seeds, e.g. 0,1,2: every row runs once per fold and seed; within one fold and seed, rows "
@@ -105,6 +112,7 @@ PAPER = {  # Table 4 of Behboodi et al. 2025, Dice %, mean (+- std) over 3 folds
     "HReg_KLD_WAug": "79.31", "T2KD": "83.59 (BUSI, 2.2M, own split)", "DCKD": "+7 over its student (3D ABUS)",
 }
 HOW_NOT_WHAT = {"device", "amp", "compile", "out", "teacher", "class_teachers", "data"}  # where and how, not what: may change on resuming
+BEFORE = {"schedule": "constant", "select": "loss", "near_dup": "0.0"}  # what runs recorded before these options had
 
 
 def teachers_of(row):
@@ -125,10 +133,11 @@ def run_argv(row, fold, seed, args):
     scripts' phantom quick-demo settings) decides anything behind the study's back."""
     spec, folder = ROWS[row], run_folder(args, fold, seed)
     common = ["--epochs", args.epochs, "--patience", args.patience, "--batch_size", args.batch_size,
-              "--lr", args.lr, "--seed", seed, "--device", args.device, "--amp", args.amp]
+              "--lr", args.lr, "--schedule", args.schedule, "--select", args.select, "--seed", seed,
+              "--device", args.device, "--amp", args.amp] + (["--warmup", args.warmup] if args.schedule == "cosine" else [])
     if "aug" in spec:  # a teacher
         argv = ["--data", args.data, "--classes", args.classes, "--size", args.size, "--folds", args.folds,
-                "--fold", fold, "--val_fraction", args.val_fraction, "--data_seed", args.data_seed,
+                "--fold", fold, "--val_fraction", args.val_fraction, "--near_dup", args.near_dup, "--data_seed", args.data_seed,
                 "--phantom_count", args.phantom_count, "--width", args.teacher_width, "--aug", spec["aug"]] + common
         argv += ["--only_class", spec["only_class"]] if "only_class" in spec else []
     else:  # a student: data and split come from its teacher's checkpoint
@@ -156,6 +165,9 @@ def _what(argv):
             pairs[key] = True
         elif key is not None:
             pairs[key] = w
+    for k, v in BEFORE.items():
+        if k != "near_dup" or "aug" in pairs:  # only a teacher's run makes the split
+            pairs.setdefault(k, v)
     return {k: v for k, v in pairs.items() if k not in HOW_NOT_WHAT}
 
 
@@ -215,7 +227,7 @@ def run(row, fold, seed, args, label, precision, teacher_recs=None):
                train_seconds=t["train_seconds"], epoch=ckpt["epoch"], stopped=ckpt["stopped"],
                precision=ckpt["precision"], machine=ckpt["machine"], data_fingerprint=ckpt["data_fingerprint"],
                sha1=kd.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv, checkpoint=ckpt_path,
-               versions=ckpt["versions"])
+               versions=ckpt["versions"], history=ckpt["history"])
     if teacher_recs is not None:
         rec["teacher_sha1"] = teacher_sha1(row, seed, teacher_recs)
     kd.write_json(json_path, rec)

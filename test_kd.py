@@ -589,6 +589,46 @@ def test_splits_disjoint_deterministic_stratified_and_duplicate_safe():
     assert sorted(tests) == list(range(90))  # each image is tested exactly once over the folds
 
 
+def brute_components(thumbnails, hashes, threshold):
+    """Groups of near-copies by brute force: start from exact copies, then merge any two groups
+    holding a pair that correlates above `threshold`, until none is left."""
+    r = np.corrcoef(thumbnails.flatten(1).double().numpy())
+    group = [hashes.index(h) for h in hashes]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(group)):
+            for j in range(len(group)):
+                if r[i, j] > threshold and group[i] != group[j]:
+                    old, new = max(group[i], group[j]), min(group[i], group[j])
+                    group = [new if g == old else g for g in group]
+                    changed = True
+    return group
+
+
+def same_partition(a, b):
+    return all((a[i] == a[j]) == (b[i] == b[j]) for i in range(len(a)) for j in range(len(a)))
+
+
+def test_near_duplicate_groups_join_chains_of_correlated_thumbnails():
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(6, 32, 32, generator=g) * 200
+    n1, n2 = (16 * torch.randn(32, 32, generator=g) for _ in range(2))
+    # 6: image 0 at another brightness and contrast (r = 1); 7: image 0 with noise (r about 0.96);
+    # 8: image 7 with more noise (r about 0.96 with 7, about 0.93 with 0): a chain 0 - 7 - 8
+    thumbs = torch.cat([t, torch.stack([0.5 * t[0] + 20, t[0] + n1, t[0] + n1 + n2])])
+    hashes = [f"h{i}" for i in range(len(thumbs))]
+    hashes[5] = hashes[4]  # an exact copy: one group at any threshold
+    for threshold in (0, 0.9, 0.95, 0.99):
+        got = data.near_duplicate_groups(thumbs, hashes, threshold)
+        assert same_partition(got, brute_components(thumbs, hashes, threshold if threshold else 2))
+    got = data.near_duplicate_groups(thumbs, hashes, 0.95)
+    assert got[0] == got[6] == got[7] == got[8] and got[4] == got[5] and len(set(got)) == 5
+    assert len(set(data.near_duplicate_groups(thumbs, hashes, 0.99))) == 7  # the chain breaks: 7 and 8 alone
+    flat = data.near_duplicate_groups(torch.zeros(3, 32, 32), ["a", "b", "c"], 0.95)
+    assert len(set(flat)) == 3  # a flat thumbnail correlates with nothing
+
+
 # ----------------------------------------------------------------------------- scripts, checkpoints
 
 def test_checkpoint_round_trip_rebuilds_the_model(tiny_teacher):
@@ -849,6 +889,54 @@ def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(monkeypatch, c
     assert len(used) == 4 * 2 and sorted(set(flat)) == split["train"]  # training never indexes a val or test image
 
 
+def test_lr_factor_worked_by_hand():
+    assert kd.lr_factor(7, 10, 2, "constant") == 1.0
+    cosine = [kd.lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert cosine[:3] == [0.5, 1.0, 1.0]  # warm-up over 2 steps, then the top of the cosine
+    assert cosine[6] == pytest.approx(0.5)  # half-way down: (6 - 2) / (10 - 2)
+    assert cosine[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+
+
+def test_steps_per_epoch_counts_the_batches():
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 30):
+        for bs in range(1, 9):
+            assert kd.steps_per_epoch(n, bs) == len(kd.batches(torch.arange(n), bs, gen)), (n, bs)
+
+
+def test_fit_follows_the_schedule_and_can_keep_the_best_dice(monkeypatch):
+    d = data.make_phantom(12, 32, 0)
+    split = dict(train=list(range(9)), val=[9, 10], test=[11])  # 9 images, batch 4: 2 steps per epoch
+    dice_by_epoch = iter([0.2, 0.5, 0.4, 0.45])
+    real = kd.evaluate
+    monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), dice=next(dice_by_epoch)))
+    model = UNet(2)
+    step = lambda x, y, idx: dict(loss=losses.supervised_loss(model(x).float(), y))
+    run = kd.fit(model, d.images, d.masks, split, step, device=torch.device("cpu"), epochs=4, patience=9,
+                 batch_size=4, lr=0.1, schedule="cosine", warmup=1, select="dice")
+    assert run["best_epoch"] == 2 and run["best_val"]["dice"] == 0.5
+    lrs = [h["lr"] for h in run["history"]]  # the rate after each epoch's last step
+    assert lrs == pytest.approx([0.1 * kd.lr_factor(2 * e, 8, 2, "cosine") for e in (1, 2, 3, 4)])
+
+
+def test_each_fold_and_seed_starts_from_weights_of_its_own(monkeypatch):
+    seeds = {(f, s): kd.run_seed(s, f) for f in range(3) for s in range(3)}
+    assert len(set(seeds.values())) == 9 and kd.run_seed(1, 2) == seeds[2, 1]
+    starts = {}
+
+    def stop(model, *a, **k):
+        starts[model] = next(model.parameters()).detach().clone()
+        raise SystemExit
+
+    monkeypatch.setattr(kd, "fit", stop)
+    for fold in ("0", "1"):
+        with pytest.raises(SystemExit):
+            train_teacher.main(TINY + ["--width", "2", "--fold", fold])
+    a, b = starts.values()
+    assert not torch.equal(a, b)
+
+
 def test_no_gradient_reaches_train_students_teacher(tiny_teacher, tmp_path, monkeypatch):
     built = []
     real = kd.build_model
@@ -862,7 +950,7 @@ def test_no_gradient_reaches_train_students_teacher(tiny_teacher, tmp_path, monk
 
 
 def test_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    words = TINY + ["--width", "2", "--epochs", "4", "--aug", "strong"]
+    words = TINY + ["--width", "2", "--epochs", "4", "--aug", "strong", "--schedule", "cosine", "--warmup", "1"]
     straight = train_teacher.main(words + ["--out", str(tmp_path / "a.pt")])
     real = kd.save_checkpoint
 
@@ -1175,6 +1263,23 @@ def test_committed_busi_split_is_the_one_made_here():
     path = os.path.join(HERE, "results", "busi_split_seed0.json")
     assert kd.load_splits(path, d, 3) == made
     assert json.load(open(path))["images"] == 647
+
+
+@needs_busi
+def test_busi_near_copies_never_straddle_the_committed_split():
+    """results/busi_split_neardup_seed0.json is what the scripts' defaults make from BUSI, and no two
+    images whose thumbnails correlate above 0.95 sit in different parts of any fold."""
+    d = data.load_busi(BUSI_DIR, size=32)
+    path = os.path.join(HERE, "results", "busi_split_neardup_seed0.json")
+    groups = data.near_duplicate_groups(d.thumbnails, d.hashes, 0.95)
+    splits = kd.load_splits(path, d, 3)
+    assert splits == data.make_splits(d.labels, groups, 3, 0, 0.15)
+    r = np.corrcoef(d.thumbnails.flatten(1).double().numpy())
+    close = [(i, j) for i, j in zip(*np.nonzero(r > 0.95)) if i < j]
+    assert len(close) > 100  # BUSI's near-copies
+    for s in splits:
+        part = {i: p for p in ("train", "val", "test") for i in s[p]}
+        assert all(part[i] == part[j] for i, j in close)
 
 
 # ----------------------------------------------------------------------------- bench.py and predict.py

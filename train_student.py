@@ -75,6 +75,11 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("patience", 20, "early stopping: epochs without a better validation loss (the paper: 50)"),
     ("batch_size", 16, "images per step (the paper: 64)"),
     ("lr", 1e-4, "Adam learning rate (the paper: 1e-4)"),
+    ("schedule", "constant", "learning rate over the run: constant (the paper), or cosine: a linear warm-up "
+     "of --warmup epochs, then a cosine decay to 0 at --epochs", ["constant", "cosine"]),
+    ("warmup", 3, "epochs of linear warm-up of the cosine schedule"),
+    ("select", "loss", "which epoch's weights are kept: lowest validation loss (the paper), or highest validation "
+     "Dice", ["loss", "dice"]),
     ("dice_weight", 0.0, "weight of an added soft-Dice term in L_sup (the paper: 0)"),
     ("seed", 0, "seed of weights, batch order and augmentation"),
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
@@ -92,11 +97,13 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("val_fraction", float, "must match the teacher's"),
     ("data_seed", int, "must match the teacher's"),
     ("phantom_count", int, "must match the teacher's"),
+    ("near_dup", float, "must match the teacher's"),
     ("split", str, "must match the teacher's"),
 ]
-SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed", "phantom_count", "split"]
+SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed", "phantom_count", "near_dup", "split"]
 DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip", "fast_teacher", "route", "dckd_level", "lambda_con", "lambda_rank", "tau",
                   "anchors", "negatives", "hard", "delta"}  # meaningless for the student alone
+BEFORE = {"near_dup": 0.0}  # the split options' values for teachers trained before the option existed
 PATHS = {"logits": ["logits"], "hidden": ["hidden"], "hidden_regressor": ["hidden_regressor"],
          "joint": ["logits", "hidden_regressor"]}  # the paper's pathways each pathway option sums
 PHANTOM_DEMO = dict(epochs=16, batch_size=8, lr=1e-3)  # on the phantom: as train_teacher.py's
@@ -141,7 +148,7 @@ def load_teachers(args, given):
         if getattr(args, k) is not None and getattr(args, k) != first.get(k):
             raise UserError(f"--{k} {getattr(args, k)}: teacher {paths[0]} was trained with --{k} {first.get(k)}; "
                             f"a student must use its teacher's split (train a teacher with --{k} {getattr(args, k)})")
-        setattr(args, k, first.get(k))
+        setattr(args, k, first.get(k, BEFORE.get(k)))
     args.data = args.data or first["data"]
     kd.choose_data(args, given, PHANTOM_DEMO)
     data, splits = kd.load_split_data(args)
@@ -185,13 +192,13 @@ def extra_modules(args, student, teacher, device):
     return regressor, projector
 
 
-def make_step(args, student, teacher, classes=None, regressor=None, projector=None):
+def make_step(args, student, teacher, classes=None, regressor=None, projector=None, seed=0):
     """One training step of the student, step(x, y, idx) -> dict of losses ("loss" is minimised):
     what --pathway, --loss, --sup and the rest of `args` say. `teacher` is frozen; with class
     teachers, classes[idx] is each image's teacher. The regressor (HR) and the projector (DCKD)
     learn with the student. step.generators: the random generators it draws from (saved with a
-    run's state, so that a resumed run draws what an uninterrupted one would)."""
-    anchor_generator = torch.Generator().manual_seed(args.seed)  # DCKD's own: the data stream stays as it is
+    run's state, so that a resumed run draws what an uninterrupted one would); `seed` seeds DCKD's."""
+    anchor_generator = torch.Generator().manual_seed(seed)  # DCKD's own: the data stream stays as it is
     if args.teacher_flip:  # the mean of the teacher's outputs on the image and its mirror image
         teacher = Mirrored(teacher)
 
@@ -234,17 +241,19 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag):
           f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
           + f"; device {device}, precision {kd.precision_name(dtype)}")
     step = make_step(args, kd.maybe_compile(student, args.compile), kd.maybe_compile(teacher, args.compile),
-                     class_indices(teacher, data, device), regressor, projector)
+                     class_indices(teacher, data, device), regressor, projector, kd.run_seed(args.seed, args.fold))
     run = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
-                 epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, aug=args.aug,
-                 seed=args.seed, dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
+                 epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                 schedule=args.schedule, warmup=args.warmup, select=args.select, aug=args.aug,
+                 seed=kd.run_seed(args.seed, args.fold), dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
                  resume=kd.resume_state(args, tag), tag=tag, generators=step.generators)
     student.load_state_dict(run["best_state"])
     test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
     test.update(names=[data.names[i] for i in split["test"]], train_seconds=run["train_seconds"])
     ckpt = kd.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
                               teacher=args.teacher, teacher_parameters=n_teacher,
-                              epoch=run["best_epoch"], val=run["best_val"], test=test, stopped=run["stopped"],
+                              epoch=run["best_epoch"], history=run["history"], val=run["best_val"], test=test,
+                              stopped=run["stopped"],
                               precision=kd.precision_name(dtype), machine=kd.machine_name(device), tag=tag)
     kd.finish(args, ckpt, run["stopped"])
     print(f"student test ({len(split['test'])} images, fold {args.fold}): Dice {100 * test['dice']:.2f} "
@@ -289,7 +298,7 @@ def student_alone(args, teacher, data, split, device, dtype, paths):
             return ckpt
         print(f"student alone: {alone.out} was trained with other options or another split; training it again")
     print("\n--- the student alone, for comparison")
-    kd.seed_everything(args.seed)  # the same initial weights as the distilled student
+    kd.seed_everything(kd.run_seed(args.seed, args.fold))  # the same initial weights as the distilled student
     return train(alone, teacher, count_parameters(teacher), data, split, device, dtype, tag)
 
 
@@ -345,7 +354,7 @@ def main(argv=None):
         students.append(("student alone", student_alone(args, teacher, data, split, device, dtype, paths)))
         print(f"\n--- the student distilled ({args.pathway})")
     # 3. The student distilled (or alone, with --pathway none), from the same initial weights
-    kd.seed_everything(args.seed)
+    kd.seed_everything(kd.run_seed(args.seed, args.fold))
     ckpt = train(args, distilling_teacher, count_parameters(teacher), data, split, device, dtype,
                  run_tag(args, data, split, paths))
     name = ("student alone" if args.pathway == "none" else "distilled (dckd)" if args.pathway == "dckd"

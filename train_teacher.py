@@ -26,6 +26,8 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("val_fraction", 0.15, "share of the training part held out for early stopping"),
     ("data_seed", 0, "seed of the split (and of the phantom)"),
     ("phantom_count", 240, "number of phantom images"),
+    ("near_dup", 0.95, "images whose 32x32 thumbnails correlate above this are near-copies: one group, never "
+     "split apart (0: exact copies only, as splits made before this option)"),
     ("split", str, "a split file written by --save_split: use its folds instead of making them from --data_seed"),
     ("save_split", str, "write every fold's split (image names, seed, data fingerprint) to this JSON file, and exit"),
     ("only_class", str, "train (and test) on this class's images only: a class teacher for T2KD; the split is "
@@ -37,6 +39,11 @@ OPTIONS = [  # (name, default, help[, choices]): every default in one place
     ("patience", 20, "early stopping: epochs without a better validation loss (the paper: 50)"),
     ("batch_size", 16, "images per step (the paper: 64)"),
     ("lr", 1e-4, "Adam learning rate (the paper: 1e-4)"),
+    ("schedule", "constant", "learning rate over the run: constant (the paper), or cosine: a linear warm-up "
+     "of --warmup epochs, then a cosine decay to 0 at --epochs", ["constant", "cosine"]),
+    ("warmup", 3, "epochs of linear warm-up of the cosine schedule"),
+    ("select", "loss", "which epoch's weights are kept: lowest validation loss (the paper), or highest validation "
+     "Dice", ["loss", "dice"]),
     ("dice_weight", 0.0, "weight of an added soft-Dice term in L_sup (the paper: 0, cross-entropy only)"),
     ("seed", 0, "seed of weights, batch order and augmentation"),
     ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
@@ -59,10 +66,11 @@ def main(argv=None):
         raise UserError(f"--out {args.out}: give a file name ending in .pt")
     device = kd.pick_device(args.device)
     dtype = kd.amp_dtype(device, args.amp)
-    kd.seed_everything(args.seed)
+    seed = kd.run_seed(args.seed, args.fold)  # weights and data stream of this fold and seed
+    kd.seed_everything(seed)
     data, splits = kd.load_split_data(args)
     if args.save_split:
-        kd.save_splits(args.save_split, data, splits, args.data_seed)
+        kd.save_splits(args.save_split, data, splits, args.data_seed, args.near_dup)
         print(f"wrote {args.save_split}: {len(splits)} folds of {len(data)} images; train with --split {args.save_split}")
         return None
     split = splits[args.fold]  # the checkpoint keeps the whole split: the student checks it
@@ -82,7 +90,8 @@ def main(argv=None):
     # 3. Train, going on from a saved state with --resume
     tag = kd.run_tag(args, data, split)
     run = kd.fit(model, images, masks, own, step, device=device, dtype=dtype, epochs=args.epochs,
-                 patience=args.patience, batch_size=args.batch_size, lr=args.lr, aug=args.aug, seed=args.seed,
+                 patience=args.patience, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                 warmup=args.warmup, select=args.select, aug=args.aug, seed=seed,
                  dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
                  resume=kd.resume_state(args, tag), tag=tag)
 
@@ -91,7 +100,7 @@ def main(argv=None):
     test = kd.evaluate(model, images, masks, own["test"], device, dtype, args.batch_size, args.dice_weight)
     test.update(names=[data.names[i] for i in own["test"]], train_seconds=run["train_seconds"])
     ckpt = kd.make_checkpoint("teacher", model, args, data, split, parameters=n_params, epoch=run["best_epoch"],
-                              val=run["best_val"], test=test, stopped=run["stopped"],
+                              history=run["history"], val=run["best_val"], test=test, stopped=run["stopped"],
                               precision=kd.precision_name(dtype), machine=kd.machine_name(device))
     kd.finish(args, ckpt, run["stopped"])
     print(f"teacher test ({len(own['test'])} {args.only_class + ' ' if args.only_class else ''}images, fold {args.fold}): "
