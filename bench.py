@@ -17,6 +17,7 @@ channels_last, bf16 where native), infer_ms_compiled (--compile), train_mem_mib 
 training, see below).
 Every time is a median of --repeats repeats, after a warm-up, with the device synchronised.
 """
+import argparse
 import copy
 import math
 import statistics
@@ -27,8 +28,9 @@ import torch
 import torch.nn as nn
 
 import kd
+import runs
 from data import UserError, make_phantom, normalize
-from kd import sync
+from runs import sync
 from losses import supervised_loss
 from models import ClassTeachers, UNet, count_parameters, fast_model, lesion_probability
 import train_student
@@ -38,27 +40,53 @@ try:
 except ImportError:
     resource = None
 
-OPTIONS = [  # (name, default, help[, choices]): every default in one place
-    ("size", 224, "images are size x size (the paper: 224)"),
-    ("batch_size", 16, "training images per step (the training scripts' default)"),
-    ("teacher_width", 64, "teacher U-Net width (64 = 31.0M parameters)"),
-    ("student_width", 10, "student U-Net width (10 = 0.76M parameters)"),
-    ("device", "all", "all (the CPU, and the GPU if there is one), or comma-separated: cpu,cuda,mps"),
-    ("steps", 5, "timed training steps per repeat; inference: 4x as many single-frame calls"),
-    ("repeats", 3, "timed repeats; every figure is their median"),
-    ("warmup", 2, "untimed steps (and inference calls) first: kernel choice, caches, compilation (>= 1)"),
-    ("aug", "strong", "augmentation inside the timed data step (the training scripts' default)",
-     ["none", "weak", "strong"]),
-    ("amp", "auto", "precision of training and of the fast inference: auto, bf16, fp16 or off (fp32)",
-     ["auto", "bf16", "fp16", "off"]),
-    ("compile", False, "also torch.compile the training forward passes and the fast inference model"),
-    ("methods", False, "also time the student's distillation step of each method (logits, logits with the fast "
-     "teacher, HR, T2KD with two class teachers, DCKD) at the same size, train_student.py's own steps"),
-    ("profile", False, "also print the PyTorch profiler's table of the student's fast inference: where the time goes"),
-    ("threads", 0, "CPU threads, 0 = torch's default (one per core); 1 is far faster on a busy machine"),
-    ("peak_tflops", float, "the device's peak TFLOP/s for the share-of-peak column "
-                           "(default: dense bf16 of known GPUs, n/a on CPUs); applies to every --device"),
-]
+DEFAULTS = dict(  # every default in one place
+    size=224,
+    batch_size=16,
+    teacher_width=64,
+    student_width=10,
+    device="all",
+    steps=5,
+    repeats=3,
+    warmup=2,
+    aug="strong",
+    amp="auto",
+    compile=False,
+    methods=False,
+    profile=False,
+    threads=0,
+)
+
+
+def options():
+    """The command line, in plain argparse; the defaults are DEFAULTS."""
+    p = runs.parser(__doc__, DEFAULTS)
+    add = p.add_argument
+    add("--size", type=int, help="images are size x size (the paper: 224)")
+    add("--batch_size", type=int, help="training images per step (the training scripts' default)")
+    add("--teacher_width", type=int, help="teacher U-Net width (64 = 31.0M parameters)")
+    add("--student_width", type=int, help="student U-Net width (10 = 0.76M parameters)")
+    add("--device", help="all (the CPU, and the GPU if there is one), or comma-separated: cpu,cuda,mps")
+    add("--steps", type=int, help="timed training steps per repeat; inference: 4x as many single-frame calls")
+    add("--repeats", type=int, help="timed repeats; every figure is their median")
+    add("--warmup", type=int, help="untimed steps (and inference calls) first: kernel choice, caches, compilation "
+        "(>= 1)")
+    add("--aug", choices=["none", "weak", "strong"], help="augmentation inside the timed data step (the training "
+        "scripts' default)")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], help="precision of training and of the fast inference: "
+        "auto, bf16, fp16 or off (fp32)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="also torch.compile the training forward passes and "
+        "the fast inference model")
+    add("--methods", action=argparse.BooleanOptionalAction, help="also time the student's distillation step of each "
+        "method (logits, logits with the fast teacher, HR, T2KD with two class teachers, DCKD) at the same "
+        "size, train_student.py's own steps")
+    add("--profile", action=argparse.BooleanOptionalAction, help="also print the PyTorch profiler's table of the "
+        "student's fast inference: where the time goes")
+    add("--threads", type=int, help="CPU threads, 0 = torch's default (one per core); 1 is far faster on a busy "
+        "machine")
+    add("--peak_tflops", type=float, help="the device's peak TFLOP/s for the share-of-peak column (default: dense "
+        "bf16 of known GPUs, n/a on CPUs); applies to every --device")
+    return p
 METHODS = {  # train_student.py's words for each distillation step --methods times
     "logits": ["--pathway", "logits"],
     "logits_fast_teacher": ["--pathway", "logits", "--fast_teacher"],
@@ -214,13 +242,13 @@ def profile_inference(model, images, device, dtype, calls=20, rows=12):
 
 def bench_device(device, args):
     """Every figure of both models on one device: a dict model -> metric -> value."""
-    dtype = kd.amp_dtype(device, args.amp)
+    dtype = runs.amp_dtype(device, args.amp)
     data = make_phantom(args.batch_size, args.size, seed=0)  # one batch of phantom images, on the device
     images, masks = data.images.to(device), data.masks.to(device)
-    kd.seed_everything(0)
-    teacher = kd.to_device(UNet(args.teacher_width), device)
-    student = kd.to_device(UNet(args.student_width), device)
-    t_fwd, s_fwd = kd.maybe_compile(teacher, args.compile), kd.maybe_compile(student, args.compile)
+    runs.seed_everything(0)
+    teacher = runs.to_device(UNet(args.teacher_width), device)
+    student = runs.to_device(UNet(args.student_width), device)
+    t_fwd, s_fwd = runs.maybe_compile(teacher, args.compile), runs.maybe_compile(student, args.compile)
     flops = {"teacher": conv_flops(teacher, args.size), "student": conv_flops(student, args.size)}
 
     def teacher_step(x, y):  # train_teacher.py's step
@@ -260,20 +288,20 @@ def bench_device(device, args):
 
 
 def distillation_step(student, s_fwd, teacher, words, args, device, dtype):
-    """train_student.py's own training step (train_student.make_step) for its command-line `words`,
+    """train_student.py's own training step (kd.make_step) for its command-line `words`,
     with the regressor or projector it would train; with --pathway joint, two class teachers (two
     copies of the teacher: the same cost), half the images routed to each. Returns (step(x, y) ->
     loss, the parameters the step trains)."""
-    sargs, _ = kd.parse_args(train_student.OPTIONS, "", words)
+    sargs = train_student.options().parse_args(words)
     if sargs.fast_teacher:
         teacher = fast_model(teacher, device, dtype)
     classes = None
     if sargs.pathway == "joint":
         teacher = ClassTeachers([teacher, copy.deepcopy(teacher)], ["benign", "malignant"]).eval()
         classes = torch.arange(args.batch_size, device=device) % 2
-    regressor, projector = train_student.extra_modules(sargs, student, teacher, device)
+    regressor, projector = kd.extra_modules(sargs, student, teacher, device)
     extras = [m for m in (regressor, projector) if m is not None]
-    step = train_student.make_step(sargs, s_fwd, teacher, classes, regressor, projector)
+    step = kd.make_step(sargs, s_fwd, teacher, classes, regressor, projector)
     idx = torch.arange(args.batch_size, device=device)
     params = list(student.parameters()) + [p for m in extras for p in m.parameters()]
     return (lambda x, y: step(x, y, idx[:len(x)])["loss"]), params
@@ -290,7 +318,7 @@ def devices(spec):
         names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise UserError(f"--device {spec!r}: name a device, e.g. --device cpu")
-    return [kd.pick_device(n) for n in names]
+    return [runs.pick_device(n) for n in names]
 
 
 def fmt(v, spec):
@@ -299,8 +327,8 @@ def fmt(v, spec):
 
 def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns {device: {model: {metric: value}}}."""
-    args, _ = kd.parse_args(OPTIONS, __doc__, argv)
-    kd.check_at_least(args)
+    args = options().parse_args(argv)
+    runs.check_at_least(args)
     for k in ("steps", "repeats"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} {getattr(args, k)}: must be at least 1")
@@ -326,7 +354,7 @@ def main(argv=None):
         for who, r in res.items():
             print(f"{dev:7s} {who:8s} " + " ".join(f"{fmt(r.get(k), f):>{max(len(h), 8)}s}" for k, h, f in cols))
     print("\ntraining: images per second of whole steps (data + forward + backward + Adam), precision "
-          + ", ".join(f"{d} {kd.precision_name(p)}" for d, p in precisions.items())
+          + ", ".join(f"{d} {runs.precision_name(p)}" for d, p in precisions.items())
           + "; the student's step includes the frozen teacher's forward (logits KLD)")
     print("TFLOP/s: convolution FLOPs (2 x multiply-adds) of 3 forwards per step (+1 teacher forward when distilling)"
           + ("" if args.peak_tflops else "; % peak: dense bf16 peak of known GPUs, n/a elsewhere (give --peak_tflops)"))
@@ -359,4 +387,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    kd.run(main)
+    runs.exit_on_error(main)

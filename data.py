@@ -48,7 +48,7 @@ class Dataset:
 
 # ----------------------------------------------------------------------------- reading files
 
-def _open(path, mode):
+def open_image(path, mode):
     """Decode a file into a PIL image of `mode`, or raise a one-line UserError naming it."""
     try:
         with Image.open(path) as im:
@@ -64,10 +64,10 @@ def _binarise(mask):
 
 def _load_pair(image_path, mask_paths, size):
     """Image and the union of its masks, resized to size x size: (image, mask, pixel hash, thumbnail)."""
-    image = _open(image_path, "L")
+    image = open_image(image_path, "L")
     mask = np.zeros((image.height, image.width), np.uint8)
     for mp in mask_paths:
-        m = _open(mp, "L")
+        m = open_image(mp, "L")
         if m.size != image.size:
             raise UserError(f"{mp}: mask is {m.width}x{m.height} but its image {os.path.basename(image_path)} "
                             f"is {image.width}x{image.height}; fix or remove the pair")
@@ -93,7 +93,7 @@ def _stack(pairs, names, labels, source, merged=0):
     return Dataset(images, masks, names, labels, [p[2] for p in pairs], thumbnails, source, merged)
 
 
-def _listdir(folder):
+def listdir(folder):
     """Files of a folder, without the clutter operating systems leave (.DS_Store, ._* ...)."""
     return sorted(f for f in os.listdir(folder) if f not in IGNORED_FILES and not f.startswith("._")
                   and os.path.isfile(os.path.join(folder, f)))
@@ -111,7 +111,7 @@ def load_busi(root, classes=("benign", "malignant"), size=224):
         folder = os.path.join(root, cls)
         if not os.path.isdir(folder):
             raise UserError(f"{folder}: class folder not found; is {root} the Dataset_BUSI_with_GT folder?")
-        pngs = [f for f in _listdir(folder) if f.lower().endswith(".png")]
+        pngs = [f for f in listdir(folder) if f.lower().endswith(".png")]
         stems = [f[:-4] for f in pngs if "_mask" not in f]
         if not stems:
             raise UserError(f"{folder}: no images in this class folder; re-download BUSI or drop the class")
@@ -170,9 +170,9 @@ def load_folder(root, size=224):
     if layout is None:
         raise UserError(f"{root}: no images/ + masks/ or original/ + GT/ folders in it (any letter case)")
     img_dir, mask_dir = layout
-    mask_files = {os.path.splitext(f)[0].lower(): f for f in _listdir(mask_dir)}
+    mask_files = {os.path.splitext(f)[0].lower(): f for f in listdir(mask_dir)}
     pairs, names, labels = [], [], []
-    for f in _listdir(img_dir):
+    for f in listdir(img_dir):
         stem = os.path.splitext(f)[0]
         candidates = [stem.lower() + suffix for suffix in ("", "_mask", "_gt")]
         m = next((mask_files[k] for k in candidates if k in mask_files), None)
@@ -338,7 +338,7 @@ def _phantom_stream(count, size, seed, classes):
 
 def _phantom_images(count, size, seed, classes):
     """The list of _phantom_stream, made on one CPU thread: on images this small more threads only
-    wait for each other, and on a busy CPU they made it ten times slower and more."""
+    wait for each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -363,7 +363,7 @@ def make_phantom(count=240, size=224, seed=0, classes=("benign", "malignant")):
       speckle   the magnitude of low-pass complex Gaussian noise (Rayleigh statistics, as real echo),
                 depth attenuation, log compression to 8 bits;
       calipers  bright '+' marks beside the lesion's ends in 1 image in 3 (_calipers).
-    Made on one CPU thread (_phantom_images): 240 images of 128 px in well under a second.
+    Made on one CPU thread (_phantom_images).
     """
     pairs, names, labels = [], [], []
     for i, (cls, image, mask, _) in enumerate(_phantom_images(count, size, seed, classes)):
@@ -440,6 +440,18 @@ def make_splits(labels, groups, folds=3, seed=0, val_fraction=0.15):
                 (val if j < n_val else train).extend(rest[g])
         splits.append(dict(train=sorted(train), val=sorted(val), test=sorted(test)))
     return splits
+
+
+def hold_out(indices, labels, fraction, seed):
+    """A `fraction` of each class's `indices` (rounded; at least one of a class with two or more),
+    drawn by `seed`: a validation part held out of a given training part. Returns them sorted."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for cls in sorted({labels[i] for i in indices}):
+        mine = [i for i in indices if labels[i] == cls]
+        n = max(1, int(round(fraction * len(mine)))) if len(mine) > 1 else 0
+        held += [mine[j] for j in rng.permutation(len(mine))[:n]]
+    return sorted(held)
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -1,264 +1,30 @@
-"""What train_teacher.py and train_student.py share: options, device and precision, seeding, the
-training loop with early stopping, Dice/IoU evaluation, checkpoints, parameter counts, progress."""
-import argparse
-import hashlib
-import json
+"""The distillation chapter: how a small student learns from a frozen teacher.
+
+Read top to bottom: batches of the data, Dice and the evaluation, the learning rate's schedule,
+the training loop (`fit`, in the shape of minGPT's Trainer.run: plain arguments, a step function
+that says what is learnt), and last the student's step for every pathway of the papers
+(`make_step`): logits (L), bottleneck attention maps (H), the bottleneck through a regressor (HR),
+both at once (T2KD's joint path), and decoupled contrastive distillation (DCKD). Each piece can be
+copied out with the few names it uses; options, checkpoints and the rest of a command-line tool's
+machinery live in runs.py.
+"""
 import math
-import os
-import platform
-import random
-import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from data import BUSI_CLASSES, UserError, augment, load_data, make_splits, near_duplicate_groups, normalize
-from losses import supervised_loss
-from models import UNet
-
-PROJECT = "busi-kd"  # marks this project's checkpoints
-DEFAULT_DATA = os.path.join("data", "Dataset_BUSI_with_GT")
+from data import UserError, augment, normalize
+from losses import dckd_loss, distillation_loss, supervised_loss, total_loss
+from models import ClassTeachers, Mirrored, Projector, Regressor
 
 
-# ----------------------------------------------------------------------------- options
-
-def parse_args(options, description, argv=None, positional=None):
-    """argparse from a script's OPTIONS block: (name, default, help[, choices]) per option; a
-    default that is a type (int, str) means "no default here": the option is None unless typed.
-    positional: (name, help) of words that are no option (predict.py's input files).
-    Returns (args, given): `given` is the set of options the user typed."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default, text, *choices in options:
-        if isinstance(default, type):
-            p.add_argument(f"--{name}", type=default, default=None, help=text)
-        elif isinstance(default, bool):
-            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{text} (default: {default})")
-        else:
-            p.add_argument(f"--{name}", type=type(default), default=default, help=f"{text} (default: {default})",
-                           choices=choices[0] if choices else None)
-    if positional:
-        p.add_argument(positional[0], nargs="*", help=positional[1])
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    given |= {g[3:] for g in given if g.startswith("no-")}
-    return p.parse_args(argv), given
-
-
-def choose_data(args, given, demo):
-    """BUSI when it is at the default path (or wherever --data says), else the built-in phantom.
-    On the phantom, the quick `demo` settings replace the defaults of options the user did not type."""
-    if args.data == DEFAULT_DATA and not os.path.isdir(DEFAULT_DATA):
-        args.data = "phantom"
-        print(f"no BUSI at {DEFAULT_DATA}: using the built-in phantom; for BUSI put it there or pass --data PATH")
-    if args.data == "phantom":
-        changed = {k: v for k, v in demo.items() if k not in given}
-        for k, v in changed.items():
-            setattr(args, k, v)
-        if changed:
-            print("phantom quick-demo settings: " + ", ".join(f"--{k} {v}" for k, v in changed.items()))
-    return args
-
-
-AT_LEAST = dict(size=16, width=1, teacher_width=1, student_width=1, epochs=1, patience=1, batch_size=1, folds=2,
-                phantom_count=4)  # the smallest value of each option that can work
-
-
-def check_at_least(args):
-    """--folds 1, --epochs 0 and the like: one-line errors now, not a traceback later."""
-    for k, lo in AT_LEAST.items():
-        if getattr(args, k, lo) < lo:
-            raise UserError(f"--{k} {getattr(args, k)}: must be at least {lo}")
-
-
-def check_options(args):
-    """Refuse numbers that would only fail later, with a traceback, as one-line errors now."""
-    check_at_least(args)
-    for k, ok, rule in (("lr", lambda v: v > 0, "above 0"), ("T", lambda v: v > 0, "above 0"),
-                        ("alpha", lambda v: 0 <= v <= 1, "in [0, 1]"), ("dice_weight", lambda v: v >= 0, "0 or more"),
-                        ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"), ("warmup", lambda v: v >= 0, "0 or more"),
-                        ("near_dup", lambda v: 0 <= v <= 1, "in [0, 1]")):
-        if hasattr(args, k) and not ok(getattr(args, k)):
-            raise UserError(f"--{k} {getattr(args, k)}: must be {rule}")
-    if not 0 <= args.fold < args.folds:
-        raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
-
-
-def load_split_data(args):
-    """Check the options, load the data they name, return (data, split of fold args.fold). The split
-    is made from --data_seed, or read from the file --split names (see save_splits)."""
-    check_options(args)
-    classes = tuple(args.classes.split(","))
-    if not set(classes) <= set(BUSI_CLASSES) or len(set(classes)) != len(classes):
-        raise UserError(f"--classes {args.classes}: give distinct names from {','.join(BUSI_CLASSES)}")
-    data = load_data(args.data, classes, args.size, args.phantom_count, args.data_seed)
-    groups = near_duplicate_groups(data.thumbnails, data.hashes, args.near_dup)
-    if getattr(args, "split", None):
-        splits = load_splits(args.split, data, args.folds)
-    else:
-        splits = make_splits(data.labels, groups, args.folds, args.data_seed, args.val_fraction)
-    split = splits[args.fold]
-    if not all(split.values()):
-        raise UserError(f"--data {args.data}: {len(data)} images are too few for {args.folds} folds with a validation "
-                        f"part; use more images or fewer --folds")
-    counts = {c: data.labels.count(c) for c in dict.fromkeys(data.labels)}
-    print(f"data: {args.data} ({data.source}), {len(data)} images "
-          f"({', '.join(f'{n} {c}' for c, n in counts.items())}) at {args.size}x{args.size}; "
-          f"fold {args.fold} of {args.folds}: {len(split['train'])} train, {len(split['val'])} val, {len(split['test'])} test"
-          + (f" (from {args.split})" if getattr(args, "split", None) else ""))
-    copies = len(data.hashes) - len(set(data.hashes))
-    if data.merged or copies:
-        print(f"data: masks merged for {data.merged} images with several mask files; {copies} exact duplicate "
-              f"image(s), kept on the same side of the split as their copy")
-    near = len(data) - len(set(groups)) - copies
-    if near and not getattr(args, "split", None):
-        print(f"data: {near} near-copies (thumbnails correlating above --near_dup "
-              f"{args.near_dup}) kept on the same side of the split as the image they copy")
-    return data, splits
-
-
-def only_class(split, data, cls):
-    """The split restricted to the images of class `cls` (None: the whole split). A class teacher
-    (T2KD) trains on these; the split itself stays the one made from every class."""
-    if cls is None:
-        return split
-    if cls not in data.labels:
-        raise UserError(f"--only_class {cls}: the data holds no {cls} images (classes: "
-                        f"{', '.join(dict.fromkeys(data.labels))}); give one of those")
-    return {part: [i for i in idx if data.labels[i] == cls] for part, idx in split.items()}
-
-
-def save_splits(path, data, splits, seed, near_dup):
-    """Write every fold's split as image names (JSON), with the seed, the near-copy threshold and the
-    data's fingerprint, so that another model can be trained and tested on exactly the same parts."""
-    write_json(path, dict(project=PROJECT, seed=seed, near_dup=near_dup, data_fingerprint=data.fingerprint(),
-                          images=len(data),
-                          folds=[{k: [data.names[i] for i in v] for k, v in s.items()} for s in splits]))
-
-
-def load_splits(path, data, folds):
-    """The splits of a file written by save_splits, as index lists into `data`; every image of the
-    data must be in exactly one part of every fold, and the file must hold `folds` folds."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        parts = saved["folds"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--split {path}: not a split file ({type(e).__name__}); write one with --save_split") from None
-    if len(parts) != folds:
-        raise UserError(f"--split {path}: holds {len(parts)} folds, not --folds {folds}; pass --folds {len(parts)}")
-    index = {n: i for i, n in enumerate(data.names)}
-    splits = []
-    for fold in parts:
-        names = [n for part in ("train", "val", "test") for n in fold.get(part, [])]
-        unknown = [n for n in names if n not in index]
-        if unknown or sorted(names) != sorted(index):
-            what = f"{unknown[0]} is not in the data" if unknown else \
-                f"{len(set(index) - set(names))} image(s) of the data are in no part, or some in two"
-            raise UserError(f"--split {path}: does not match --data ({what}); use the data the split was made for")
-        splits.append({part: sorted(index[n] for n in fold.get(part, [])) for part in ("train", "val", "test")})
-    if saved.get("data_fingerprint") != data.fingerprint():
-        print(f"note: --split {path} was made on images or masks with other pixels (same names), or at another "
-              f"--size: another copy of the data?")
-    return splits
-
-
-# ----------------------------------------------------------------------------- device, precision, seeds
-
-def pick_device(name="auto"):
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:1 or mps") from None
-        if (device.type == "cuda" and not torch.cuda.is_available()
-                or device.type == "mps" and not torch.backends.mps.is_available()):
-            raise UserError(f"--device {name}: this machine has no {device.type} device; use --device auto or cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_has_native_bf16():
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX; read from Linux's
-    /proc/cpuinfo). PyTorch's own check is true on any AVX-512 CPU, where bf16 is emulated and slower
-    than fp32; elsewhere (macOS, Windows) we cannot tell, and answer False."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def machine_name(device):
-    """The processor a run ran on, for the records that come with timings: GPU name, or CPU model
-    and whether it computes bf16 natively."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores" + (", native bf16" if device.type == "cpu" and cpu_has_native_bf16() else "")
-
-
-def amp_dtype(device, amp="auto"):
-    """The autocast dtype, or None for plain fp32. auto: bf16 where the hardware computes it natively,
-    on GPUs of compute capability 8.0 or more (Ampere, Hopper) and on CPUs with AVX512-BF16 or AMX
-    (about 3x faster than fp32 on those); fp16 with a grad scaler on older GPUs (V100, T4: bf16
-    there is emulated); fp32 on other CPUs and on MPS (not measured by us: try --amp fp16)."""
-    if amp == "off":
-        return None
-    if amp in ("bf16", "fp16"):
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def precision_name(dtype, autocast=True):
-    """How a run computes: "fp32", or "bf16 autocast" (training), or "bf16" (weights in bf16: predict.py)."""
-    return "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype] + " autocast" * autocast
+# ----------------------------------------------------------------------------- batches
 
 
 def autocast(device, dtype):
+    """Mixed precision where `dtype` (bf16, fp16) is given; plain fp32 when it is None."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def run_seed(seed, fold):
-    """The seed of one (fold, seed) run, drawn from both: every fold's seed s starts from weights of
-    its own and sees a data stream of its own, so that 3 folds x 3 seeds are 9 independent
-    replicates, not 3 initialisations seen three times. (A student and its teacher of the same
-    fold and seed share it, and so do the student alone and the distilled one: that pairing is meant.)"""
-    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CPU, CUDA and MPS generators
-
-
-def to_device(model, device):
-    """channels_last (NHWC) suits the convolution kernels of GPUs and of oneDNN on CPUs."""
-    return model.to(device, memory_format=torch.channels_last)
-
-
-def maybe_compile(model, flag):
-    """torch.compile(model) if asked: the returned callable shares the model's weights, so the
-    checkpoint keeps plain state_dict keys."""
-    return torch.compile(model) if flag else model
 
 
 def data_generator(device, seed):
@@ -286,7 +52,14 @@ def batch(data_images, data_masks, idx, aug="none", generator=None):
     return normalize(x).contiguous(memory_format=torch.channels_last), y
 
 
-# ----------------------------------------------------------------------------- metrics
+def steps_per_epoch(n_train, batch_size):
+    """How many batches `batches` makes of n_train images (a last batch of one joins the one before)."""
+    n = math.ceil(n_train / batch_size)
+    return n - 1 if n > 1 and n_train - (n - 1) * batch_size == 1 else n
+
+
+# ----------------------------------------------------------------------------- Dice and evaluation
+
 
 def dice_iou(pred, target):
     """Per-image Dice and IoU of binary masks (N, 1, H, W) -> two (N,) float tensors.
@@ -299,6 +72,11 @@ def dice_iou(pred, target):
     dice = torch.where(empty, 1.0, 2 * inter / total.clamp(min=1))
     iou = torch.where(empty, 1.0, inter / (total - inter).clamp(min=1))
     return dice, iou
+
+
+def lesion_mask(logits, threshold=0.5):
+    """Where the lesion's softmax probability is at least `threshold`: (N, 2, H, W) -> (N, 1, H, W) bool."""
+    return logits.float().softmax(dim=1)[:, 1:] >= threshold
 
 
 @torch.no_grad()
@@ -324,7 +102,33 @@ def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_w
                 per_image_iou=iou.tolist())
 
 
-# ----------------------------------------------------------------------------- training
+def t_quantile(q, df):
+    """The q-quantile of Student's t distribution with df degrees of freedom (q > 0.5): bisection
+    on its CDF, 1/2 + the integral of the density from 0 to x (trapezoids on 20001 points)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda t: np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+    cdf = lambda x: 0.5 + (density(np.linspace(0, x, 20001)).sum() - (density(0.0) + density(x)) / 2) * x / 20000
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_interval(d, level=0.95):
+    """Mean of paired differences d and its t interval: mean +- t(1 - (1 - level)/2, n - 1) * sd / sqrt(n).
+    Returns (mean, low, high); low and high are None for fewer than 2 pairs."""
+    d = np.asarray(d, dtype=np.float64)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else None, None, None
+    half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+# ----------------------------------------------------------------------------- the training loop
+
 
 def lr_factor(step, total, warmup, schedule):
     """The learning rate at optimiser step `step` (0-based) of `total`, as a share of the base rate.
@@ -338,43 +142,33 @@ def lr_factor(step, total, warmup, schedule):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def steps_per_epoch(n_train, batch_size):
-    """How many batches `batches` makes of n_train images (a last batch of one joins the one before)."""
-    n = math.ceil(n_train / batch_size)
-    return n - 1 if n > 1 and n_train - (n - 1) * batch_size == 1 else n
+def lr_scheduler(opt, schedule, warmup, epochs, per_epoch):
+    """The learning rate of `opt` per step, by lr_factor: `warmup` and `epochs` counted in epochs of
+    `per_epoch` steps. Call its step() after every optimiser step."""
+    total, warm = epochs * per_epoch, warmup * per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warm, schedule))
 
 
 def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epochs=100, patience=20,
         batch_size=16, lr=1e-4, schedule="constant", warmup=0, select="loss", aug="strong", seed=0,
-        dice_weight=0.0, state_path=None, resume=None, tag=None, generators=()):
-    """Train `model` (and the `extras` that learn with it: a regressor, a projector) with Adam at a
-    learning rate that follows `schedule` (lr_factor; `warmup` in epochs); keep the weights of the
-    best validation epoch, by its supervised loss (select="loss", the paper) or its Dice ("dice").
-    step(x, y, idx) -> dict of scalar losses, "loss" being the one minimised; idx are the batch's
-    indices into the data (routing an image to the teacher of its class needs them).
-    Stops after `patience` epochs without a better validation score, at `epochs`, on Ctrl-C (going
-    on with the best weights), or on a non-finite loss (FloatingPointError). With `state_path`, the
-    whole state is saved there after every epoch (save_state); `resume` is such a state, loaded.
-    Returns dict(best_epoch, best_state, best_val, stopped, train_seconds, history)."""
+        dice_weight=0.0, generators=(), resume=None, save=None):
+    """Train `model` and `extras` with Adam; step(x, y, idx) -> dict of losses, "loss" minimised. Keep the best
+    validation epoch (`select`); stop after `patience` epochs without one. save(state) after every epoch."""
     modules = [model, *extras]
     opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
-    per_epoch = steps_per_epoch(len(split["train"]), batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, epochs * per_epoch, warmup * per_epoch, schedule))
+    sched = lr_scheduler(opt, schedule, warmup, epochs, steps_per_epoch(len(split["train"]), batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    generator = data_generator(device, seed)
-    train_idx = torch.as_tensor(split["train"], device=device)
-    loop = dict(modules=modules, opt=opt, sched=sched, scaler=scaler, generators=[generator, *generators])
-    run = load_state(resume, **loop) if resume is not None else new_run()
-    stopped = "last epoch"
+    generators = [data_generator(device, seed), *generators]  # the data stream's first, then the step's
+    loop = dict(modules=modules, opt=opt, sched=sched, scaler=scaler, generators=generators)
+    run = load_loop(resume, **loop) if resume is not None else new_run()
+    train_idx, stopped = torch.as_tensor(split["train"], device=device), "last epoch"
     try:
         for epoch in range(run["epoch"] + 1, epochs + 1):
-            t0 = time.time()
+            t0, sums = time.time(), {}
             for m in modules:
                 m.train()
-            sums = {}
-            for idx in batches(train_idx, batch_size, generator):
-                x, y = batch(images, masks, idx, aug, generator)
+            for idx in batches(train_idx, batch_size, generators[0]):
+                x, y = batch(images, masks, idx, aug, generators[0])
                 with autocast(device, dtype):
                     parts = step(x, y, idx)
                 opt.zero_grad(set_to_none=True)
@@ -386,13 +180,12 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
                     sums[k] = sums.get(k, 0) + v.detach().float() * len(idx)
             train = {k: float(v) / len(train_idx) for k, v in sums.items()}
             val = evaluate(model, images, masks, split["val"], device, dtype, batch_size, dice_weight)
-            check_finite(train["loss"], val["loss"], epoch, run["epoch"], state_path)
+            check_finite(train["loss"], val["loss"], epoch, run["epoch"] if save else 0)
             end_epoch(run, epoch, model, train, val, select, opt.param_groups[0]["lr"], time.time() - t0)
-            if state_path:
-                save_state(state_path, run, tag, **loop)
+            if save:
+                save(loop_state(run, **loop))
             print_epoch(run, epochs, train)
-            if epoch - run["best_epoch"] >= patience:
-                print(f"early stop: no better validation {select} for {patience} epochs")
+            if epoch - run["best_epoch"] >= patience:  # early stopping
                 stopped = "early stop"
                 break
     except KeyboardInterrupt:
@@ -400,8 +193,7 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
             raise
         print(f"\ninterrupted: going on with the best weights (epoch {run['best_epoch']})")
         stopped = "interrupted"
-    return dict(best_epoch=run["best_epoch"], best_state=run["best_state"], best_val=run["best_val"],
-                stopped=stopped, train_seconds=sum(run["seconds"]), history=run["history"])
+    return dict(run, stopped=stopped, train_seconds=sum(run["seconds"]))  # best_epoch, best_state, best_val, history
 
 
 def new_run():
@@ -418,141 +210,20 @@ def end_epoch(run, epoch, model, train, val, select, lr, seconds):
                    best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     run["epoch"] = epoch
     run["seconds"].append(seconds)
-    run["history"].append(dict(epoch=epoch, lr=lr, train_loss=train["loss"], val_loss=val["loss"], val_dice=val["dice"]))
+    run["history"].append(dict(epoch=epoch, lr=lr, train_loss=train["loss"], val_loss=val["loss"],
+                               val_dice=val["dice"]))
 
 
-def check_finite(train_loss, val_loss, epoch, saved_epoch, state_path):
-    """A loss that became NaN or infinite ends the run with one line that says what is kept."""
-    for what, loss in (("training", train_loss), ("validation", val_loss)):
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"{what} loss became {loss} at epoch {epoch}; "
-                + (f"the state after epoch {saved_epoch} is in {state_path}" if state_path and saved_epoch
-                   else "nothing was saved") + "; try a lower --lr or --amp off")
+def loop_state(run, modules, opt, sched, scaler, generators):
+    """All that a stopped run needs to go on as if it had never stopped: weights, optimiser,
+    schedule, grad scaler, random generators (the data stream's first) and the run's counters."""
+    return dict(run=run, modules=[m.state_dict() for m in modules], optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(), scaler=scaler.state_dict(), generator=generators[0].get_state(),
+                generators=[g.get_state() for g in generators[1:]])
 
 
-def print_epoch(run, epochs, train):
-    h, s = run["history"][-1], run["seconds"]
-    left = (epochs - h["epoch"]) * (sum(s[1:]) / (len(s) - 1) if len(s) > 1 else s[0])  # epoch 1 also warms up
-    comps = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
-    best = run["best_val"]
-    print(f"epoch {h['epoch']:3d}/{epochs} | lr {h['lr']:.1e} | train {train['loss']:.4f}" + (f" ({comps})" if comps else "")
-          + f" | val loss {h['val_loss']:.4f} dice {100 * h['val_dice']:.1f} | best @ {run['best_epoch']} "
-          + f"(loss {best['loss']:.4f} dice {100 * best['dice']:.1f}) | {s[-1]:.1f}s, at most {fmt_time(left)} left",
-          flush=True)
-
-
-def fmt_time(seconds):
-    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m" if seconds < 5400 else f"{seconds / 3600:.1f}h"
-
-
-def fmt_params(n):
-    return f"{n / 1e6:.2f}M"
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def atomic_write(path, write):
-    """Write `path` through write(file): into a temporary file of a unique name in the same folder,
-    flushed to disk (fsync), then renamed over `path`. A crash or Ctrl-C mid-write never leaves half
-    a file, and two runs writing one path never share a temporary file."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(path, ckpt):
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def file_hash(path):
-    """sha1 of a file's bytes: which exact checkpoint a result came from."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def make_checkpoint(kind, model, args, data, split, **extra):
-    """All that rebuilds and judges the model: its class arguments and weights, the options, the
-    split (image names per part, and a fingerprint of the data it was made on), versions."""
-    return dict(project=PROJECT, kind=kind, model_config=dict(model.config),
-                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                args=vars(args), split={k: [data.names[i] for i in v] for k, v in split.items()},
-                data_fingerprint=data.fingerprint(),
-                versions=dict(torch=str(torch.__version__), numpy=np.__version__, python=platform.python_version()),
-                **extra)
-
-
-def load_checkpoint(path, kind, option="--teacher"):
-    """Load a checkpoint made by this project's script for `kind` ("teacher", "student", or a tuple
-    of both), or raise a one-line UserError."""
-    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-    script = " or ".join(f"train_{k}.py" for k in kinds)
-    if not os.path.isfile(path):
-        raise UserError(f"{option} {path}: file not found; train one with {script} first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{option} {path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
-                        f"train one with {script}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("project") != PROJECT:
-        raise UserError(f"{option} {path}: not a checkpoint of this project; train one with {script}")
-    if ckpt.get("kind") not in kinds:
-        raise UserError(f"{option} {path}: a {ckpt.get('kind')} checkpoint, not a {' or '.join(kinds)}; "
-                        f"give the file {script} wrote")
-    return ckpt
-
-
-def build_model(ckpt):
-    """Rebuild the model of a checkpoint with its weights, in eval mode."""
-    model = UNet(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
-
-
-# ----------------------------------------------------------------------------- runs that survive
-
-HOW_OPTIONS = {"device", "compile", "out", "resume", "data", "teacher", "class_teachers", "split", "save_split",
-               "alone"}  # where files are, how fast it runs, what else is trained: not what this run computes
-
-
-def run_tag(args, data, split, **more):
-    """What makes two runs the same run: the options that decide the result (not where the files
-    are or how fast it runs), the data's fingerprint, the split, and `more` (a student's teachers)."""
-    return dict(options={k: v for k, v in sorted(vars(args).items()) if k not in HOW_OPTIONS},
-                split={k: [data.names[i] for i in v] for k, v in split.items()},
-                data_fingerprint=data.fingerprint(), **more)
-
-
-def save_state(path, run, tag, modules, opt, sched, scaler, generators):
-    """Write all that an unfinished run needs to go on as if never stopped: weights, optimiser,
-    schedule, grad scaler, random generators (the data stream's first), the run's counters, and
-    `tag`, what identifies the run. Atomic: a kill mid-write keeps the previous state."""
-    save_checkpoint(path, dict(project=PROJECT, kind="state", tag=tag, run=run,
-                               modules=[m.state_dict() for m in modules], optimizer=opt.state_dict(),
-                               scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                               generator=generators[0].get_state(),
-                               generators=[g.get_state() for g in generators[1:]]))
-
-
-def load_state(state, modules, opt, sched, scaler, generators):
-    """Put a state written by save_state back into a run's parts; returns the run's counters."""
+def load_loop(state, modules, opt, sched, scaler, generators):
+    """Put a loop_state back into a run's parts; returns the run's counters."""
     for m, s in zip(modules, state["modules"]):
         m.load_state_dict(s)
     opt.load_state_dict(state["optimizer"])
@@ -570,69 +241,93 @@ def load_state(state, modules, opt, sched, scaler, generators):
     return run
 
 
-def state_path(out):
-    """Where an unfinished run keeps its state, beside its checkpoint: out/teacher.pt -> out/teacher.run.pt."""
-    return out[:-3] + ".run.pt"
+def check_finite(train_loss, val_loss, epoch, saved_epoch):
+    """A loss that became NaN or infinite ends the run with one line that says what is kept."""
+    for what, loss in (("training", train_loss), ("validation", val_loss)):
+        if not math.isfinite(loss):
+            kept = f"the state after epoch {saved_epoch} is saved (--resume)" if saved_epoch else "nothing was saved"
+            raise FloatingPointError(f"{what} loss became {loss} at epoch {epoch}; {kept}; "
+                                     f"try a lower --lr or --amp off")
 
 
-def resume_state(args, tag):
-    """The saved state of an unfinished run to go on from (--resume), or None to start afresh."""
-    path = state_path(args.out)
-    if not args.resume:
-        if os.path.isfile(path):
-            print(f"note: {path} holds an unfinished run; starting afresh (add --resume to go on with it)")
+def print_epoch(run, epochs, train):
+    h, s = run["history"][-1], run["seconds"]
+    left = (epochs - h["epoch"]) * (sum(s[1:]) / (len(s) - 1) if len(s) > 1 else s[0])  # epoch 1 also warms up
+    comps = " ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
+    best = run["best_val"]
+    print(f"epoch {h['epoch']:3d}/{epochs} | lr {h['lr']:.1e} | train {train['loss']:.4f}"
+          + (f" ({comps})" if comps else "")
+          + f" | val loss {h['val_loss']:.4f} dice {100 * h['val_dice']:.1f} | best @ {run['best_epoch']} "
+          + f"(loss {best['loss']:.4f} dice {100 * best['dice']:.1f}) | {s[-1]:.1f}s, at most {fmt_time(left)} left",
+          flush=True)
+
+
+def fmt_time(seconds):
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m" if seconds < 5400 else f"{seconds / 3600:.1f}h"
+
+
+# ----------------------------------------------------------------------------- the student's step, every pathway
+
+
+TERMS = {"logits": ["logits"], "hidden": ["hidden"], "hidden_regressor": ["hidden_regressor"],
+         "joint": ["logits", "hidden_regressor"]}  # the paper's distillation terms each --pathway sums
+
+
+def extra_modules(args, student, teacher, device):
+    """(regressor, projector): what learns with the student for HR and for DCKD (else None). They
+    are thrown away after training: not counted in, nor saved with, the student."""
+    s, t = student.feature_channels, teacher.feature_channels
+    hr = "hidden_regressor" in TERMS.get(args.pathway, [])
+    regressor = Regressor(s["bottleneck"], t["bottleneck"]) if hr else None
+    projector = Projector(s[args.dckd_level], t[args.dckd_level]) if args.pathway == "dckd" else None
+    return [None if m is None else m.to(device, memory_format=torch.channels_last) for m in (regressor, projector)]
+
+
+def make_step(args, student, teacher, classes=None, regressor=None, projector=None, seed=0):
+    """One training step of the student, step(x, y, idx) -> dict of losses ("loss" is minimised):
+    what --pathway, --loss, --sup and the rest of `args` say. `teacher` is frozen; with class
+    teachers, classes[idx] is each image's teacher. The regressor (HR) and the projector (DCKD)
+    learn with the student. step.generators: the random generators it draws from (saved with a
+    run's state, so that a resumed run draws what an uninterrupted one would); `seed` seeds DCKD's."""
+    anchor_generator = torch.Generator().manual_seed(seed)  # DCKD's own: the data stream stays as it is
+    if args.teacher_flip:  # the mean of the teacher's outputs on the image and its mirror image
+        teacher = Mirrored(teacher)
+
+    def teach(x, idx):
+        if classes is None:
+            return teacher(x, return_features=True)
+        return teacher(x, classes[idx], return_features=True)  # each image to its class's teacher
+
+    def step(x, y, idx):
+        s_logits, s_feats = student(x, return_features=True)
+        l_sup = supervised_loss(s_logits.float(), y, args.dice_weight, args.sup)
+        if args.pathway == "none":
+            return dict(loss=l_sup)
+        with torch.no_grad():
+            t_logits, t_feats = teach(x, idx)
+        if args.pathway == "dckd":
+            terms = dckd_loss(projector(s_feats[args.dckd_level]), t_feats[args.dckd_level], y, anchor_generator,
+                              args.anchors, args.negatives, args.tau, args.hard, args.delta)
+            if terms is None:  # no lesion (or no background) position at this level's scale: L_sup alone
+                return dict(loss=l_sup, sup=l_sup, skipped=torch.ones((), device=x.device))
+            l_con, l_rank = terms
+            return dict(loss=l_sup + args.lambda_con * l_con + args.lambda_rank * l_rank, sup=l_sup, con=l_con,
+                        rank=l_rank, skipped=torch.zeros((), device=x.device))
+        l_kd = sum(distillation_loss(p, args.loss, s_logits, s_feats, t_logits, t_feats, regressor, args.T)
+                   for p in TERMS[args.pathway])
+        return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
+
+    step.generators = (anchor_generator,) if args.pathway == "dckd" else ()  # saved and restored by kd.fit
+    return step
+
+
+def class_indices(teacher, data, device):
+    """For class teachers: each image's index into their members, on the device (else None). An
+    image of a class without a teacher would get no teacher's output at all: refused at once."""
+    if not isinstance(teacher, ClassTeachers):
         return None
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: no unfinished run at {path}; run without --resume to start one")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--resume: {path} is not readable ({type(e).__name__}); run without --resume") from None
-    old = state.get("tag") or {}
-    if old != tag:
-        o, n = old.get("options", {}), tag["options"]
-        diff = ", ".join(f"--{k} {o.get(k)} (now {n.get(k)})" for k in sorted(o.keys() | n.keys()) if o.get(k) != n.get(k))
-        raise UserError(f"--resume: {path} was made with {diff or 'other data, split or teachers'}; "
-                        f"give the same options, or run without --resume to start afresh")
-    return state
-
-
-def finish(args, ckpt, stopped):
-    """Write the finished checkpoint (only now: an unfinished run never replaces an older finished
-    one), then drop the run's state, unless Ctrl-C stopped it: --resume can still go on then."""
-    save_checkpoint(args.out, ckpt)
-    if stopped != "interrupted" and os.path.isfile(state_path(args.out)):
-        os.remove(state_path(args.out))
-
-
-def lesion_mask(logits, threshold=0.5):
-    """Where the lesion's softmax probability is at least `threshold`: (N, 2, H, W) -> (N, 1, H, W) bool."""
-    return logits.float().softmax(dim=1)[:, 1:] >= threshold
-
-
-# ----------------------------------------------------------------------------- running a script
-
-def run(main):
-    """Run a script's main(): bad input -> 'error: ...' on one line and exit 2; a diverged run ->
-    exit 1; Ctrl-C before any checkpoint -> exit 130. Never a traceback for these."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted before a checkpoint was saved", file=sys.stderr)
-        sys.exit(130)
-
-
-# ----------------------------------------------------------------------------- timing
-
-def sync(device):
-    """Wait for the device's queued work, so a clock reading measures it (GPUs run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    for c in dict.fromkeys(data.labels):
+        if c not in teacher.classes:
+            raise UserError(f"--class_teachers: the data holds {data.labels.count(c)} {c} images and no teacher of "
+                            f"class {c}; add {c}=PATH (train_teacher.py --only_class {c}), or train without {c}")
+    return torch.as_tensor([teacher.classes.index(c) for c in data.labels], device=device)

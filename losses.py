@@ -82,6 +82,14 @@ def kld(student_logits, teacher_logits, dim, T=1.0):
     return (log_p.exp() * (log_p - log_q)).sum(dim=dim).mean() * T * T
 
 
+def cwd(student_logits, teacher_logits, T=1.0):
+    """Channel-wise distillation (Shu et al., ICCV 2021): each channel of each image's logits, divided
+    by T, is a distribution over its H*W positions (softmax over space, not over classes); KL(teacher
+    || student) per channel, averaged over channels and images, times T^2. For a two-class output
+    each class's map says where that class lies: the student learns where the teacher looks."""
+    return kld(student_logits.flatten(2), teacher_logits.flatten(2), dim=2, T=T)
+
+
 def attention_map(features, eps=1e-6):
     """Spatial attention map of a feature tensor (Zagoruyko & Komodakis 2017): the mean over
     channels of the squared activation, (N, C, H, W) -> (N, H, W). It needs no parameters, so maps
@@ -93,7 +101,9 @@ def attention_map(features, eps=1e-6):
 
 def logits_loss(s_logits, t_logits, loss="kld", T=1.0):
     """Pathway L: the teacher's raw output maps guide the student's. KLD: a distribution over the
-    two classes at each pixel."""
+    two classes at each pixel; CWD: over the pixels of each class's map."""
+    if loss == "cwd":
+        return cwd(s_logits, t_logits, T)
     return mse(s_logits, t_logits) if loss == "mse" else kld(s_logits, t_logits, dim=1, T=T)
 
 

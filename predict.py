@@ -16,7 +16,7 @@ warning naming the likely causes.
 Preprocessing is exactly training's: grey ("L"), resized to the checkpoint's size x size
 (bilinear), /255, per-image normalisation, channels_last. The model runs in its fast inference
 form (models.fast_model): BatchNorm folded into the convolutions, weights and activations in bf16
-where the device computes bf16 natively (kd.amp_dtype), fp32 elsewhere or with --amp off. Its
+where the device computes bf16 natively (runs.amp_dtype), fp32 elsewhere or with --amp off. Its
 lesion probability, size x size, is upsampled bilinearly to the image's own size and only then
 thresholded (--threshold): the mask's edge is smooth, not a staircase of enlarged model pixels.
 
@@ -31,6 +31,7 @@ largest difference in lesion probability and the milliseconds per frame of each.
     model = torch.jit.load("out/student.ts", _extra_files=meta)
     probability = model(x)    # x preprocessed as meta says; mask = probability >= its threshold
 """
+import argparse
 import json
 import os
 import statistics
@@ -44,20 +45,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-import kd
-from data import UserError, _listdir, _open, make_phantom, normalize
+import runs
+from data import UserError, listdir, make_phantom, normalize, open_image
 from models import count_parameters, fast_model, lesion_probability
 
-OPTIONS = [  # (name, default, help[, choices]): every default in one place; input paths are positional
-    ("checkpoint", "out/student_logits_kld.pt", "teacher or student checkpoint (train_teacher.py, train_student.py)"),
-    ("out", "out/predictions", "folder for NAME_mask.png, NAME_overlay.png (and NAME_probability.png)"),
-    ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
-    ("amp", "auto", "precision: auto (bf16 where native), bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
-    ("threshold", 0.5, "a pixel is lesion when its lesion probability is >= threshold"),
-    ("probability", False, "also write NAME_probability.png: the lesion probability at the image's size, round(255 p)"),
-    ("export", str, "write the fast form (fp32) as TorchScript to this .ts file, checked against the checkpoint and "
-                    "timed on the images given, else on built-in phantom images; see the top of this help"),
-]
+DEFAULTS = dict(  # every default in one place
+    checkpoint="out/student_logits_kld.pt",
+    out="out/predictions",
+    device="auto",
+    amp="auto",
+    threshold=0.5,
+    probability=False,
+)
+
+
+def options():
+    """The command line, in plain argparse; the defaults are DEFAULTS."""
+    p = runs.parser(__doc__, DEFAULTS)
+    add = p.add_argument
+    add("--checkpoint", help="teacher or student checkpoint (train_teacher.py, train_student.py)")
+    add("--out", help="folder for NAME_mask.png, NAME_overlay.png (and NAME_probability.png)")
+    add("--device", help="auto (cuda, then mps, then cpu), or a torch device")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], help="precision: auto (bf16 where native), bf16, fp16 or "
+        "off (fp32)")
+    add("--threshold", type=float, help="a pixel is lesion when its lesion probability is >= threshold")
+    add("--probability", action=argparse.BooleanOptionalAction, help="also write NAME_probability.png: the lesion "
+        "probability at the image's size, round(255 p)")
+    add("--export", help="write the fast form (fp32) as TorchScript to this .ts file, checked against the checkpoint "
+        "and timed on the images given, else on built-in phantom images; see the top of this help")
+    add("inputs", nargs="*", help="image files or folders")
+    return p
 CONTOUR_COLOUR = (255, 200, 0)  # yellow: visible on grey tissue and on dark lesions alike
 IMAGE_EXTENSIONS = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}  # what Pillow reads
 
@@ -72,7 +89,7 @@ def list_images(inputs):
     files = []
     for path in inputs:
         if os.path.isdir(path):
-            found = [os.path.join(path, f) for f in _listdir(path)
+            found = [os.path.join(path, f) for f in listdir(path)
                      if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
                      and not any(tag in f for tag in ("_mask", "_overlay", "_probability"))]
             if not found:
@@ -194,10 +211,10 @@ def ms_per_frame(fn, x, device, warmup=3, repeats=20):
     times = []
     with torch.inference_mode():
         for _ in range(warmup + repeats):
-            kd.sync(device)
+            runs.sync(device)
             t0 = time.perf_counter()
             fn(x)
-            kd.sync(device)
+            runs.sync(device)
             times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[warmup:])
 
@@ -207,19 +224,19 @@ def export(path, ckpt, args, device, dtype, fast, samples, what):
     inside), load it back as a user would, and print its largest difference in lesion probability
     from the checkpoint's own eager model on `samples` (normalised (N, 1, S, S) on `device`) and the
     ms per frame of each. Returns (largest difference, {name: ms per frame})."""
-    eager = kd.build_model(ckpt)  # as trained: fp32, BatchNorm unfolded
+    eager = runs.build_model(ckpt)  # as trained: fp32, BatchNorm unfolded
     net = ProbabilityNet(fast_model(eager, torch.device("cpu"), None)).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # newer torch calls TorchScript deprecated, still loads it
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Up's pad-to-skip test: fixed at S x S, the input
         traced = torch.jit.trace(net, samples[:1].cpu())
         meta = json.dumps(export_metadata(ckpt, args.checkpoint, args.threshold), indent=1)
-        kd.atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={"meta.json": meta}))
+        runs.atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={"meta.json": meta}))
         loaded = torch.jit.load(path, map_location=device).eval()  # what a user gets
     eager = eager.to(device)
     with torch.inference_mode():
         diff = (loaded(samples) - eager(samples).float().softmax(dim=1)[:, 1:]).abs().max().item()
-    one, precision = samples[:1], kd.precision_name(dtype, autocast=False)
+    one, precision = samples[:1], runs.precision_name(dtype, autocast=False)
     fast32 = fast if dtype is None else fast_model(eager, device, None)  # like for like with the file
     ms = {"exported": ms_per_frame(loaded, one, device),
           "fast fp32": ms_per_frame(lambda x: lesion_probability(fast32, x), one, device)}
@@ -251,29 +268,29 @@ def empty_warning(count, threshold, ckpt):
 
 def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns a list of (input, mask file)."""
-    args, _ = kd.parse_args(OPTIONS, __doc__, argv, ("inputs", "image files or folders"))
+    args = options().parse_args(argv)
     if not 0 < args.threshold < 1:
         raise UserError(f"--threshold {args.threshold}: give a probability between 0 and 1, e.g. 0.5")
     if args.export is not None:
         check_export_name(args.export)
     files = list_images(args.inputs) if args.inputs or args.export is None else []
     outputs = output_names(files, args.out)
-    ckpt = kd.load_checkpoint(args.checkpoint, ("student", "teacher"), "--checkpoint")
-    device = kd.pick_device(args.device)
-    dtype = kd.amp_dtype(device, args.amp)
+    ckpt = runs.load_checkpoint(args.checkpoint, ("student", "teacher"), "--checkpoint")
+    device = runs.pick_device(args.device)
+    dtype = runs.amp_dtype(device, args.amp)
     size = ckpt["args"]["size"]
-    model = fast_model(kd.build_model(ckpt), device, dtype)
+    model = fast_model(runs.build_model(ckpt), device, dtype)
     print(f"{ckpt['kind']} {args.checkpoint}: U-Net width {ckpt['model_config']['width']}, "
-          f"{kd.fmt_params(count_parameters(model))} parameters, input {size}x{size}; device {device}, "
-          f"{kd.precision_name(dtype, autocast=False)}, BatchNorm folded; {len(files)} image{'s' * (len(files) != 1)}")
+          f"{runs.fmt_params(count_parameters(model))} parameters, input {size}x{size}; device {device}, "
+          f"{runs.precision_name(dtype, autocast=False)}, BatchNorm folded; {len(files)} image{'s' * (len(files) != 1)}")
     lesion_probability(model, torch.zeros(1, 1, size, size, device=device))  # warm-up: kernels chosen once
     if files:
         os.makedirs(args.out, exist_ok=True)
     times, written, empty, t_start = [], [], 0, time.perf_counter()
     for path, (mask_path, overlay_path, probability_path) in zip(files, outputs):
-        image = _open(path, "L")  # a corrupt file: the same one-line error as in training
+        image = open_image(path, "L")  # a corrupt file: the same one-line error as in training
         x = preprocess(image, size, device)
-        kd.sync(device)
+        runs.sync(device)
         t0 = time.perf_counter()
         probability = to_image_size(lesion_probability(model, x), image.size)
         mask = mask_pixels(probability, args.threshold)
@@ -294,7 +311,7 @@ def main(argv=None):
         print(empty_warning(len(files), args.threshold, ckpt), file=sys.stderr)
     if args.export is not None:
         if files:
-            samples = torch.cat([preprocess(_open(f, "L"), size, device) for f in files[:SAMPLES]])
+            samples = torch.cat([preprocess(open_image(f, "L"), size, device) for f in files[:SAMPLES]])
             what = "of the images given"
         else:
             samples = normalize(make_phantom(SAMPLES, size, seed=0).images.float().to(device) / 255)
@@ -304,4 +321,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    kd.run(main)
+    runs.exit_on_error(main)

@@ -33,53 +33,92 @@ from PIL import Image, ImageDraw
 
 from data import UserError
 import kd
+import runs
 import train_student
 import train_teacher
 from models import Ensemble, Mirrored
 
-OPTIONS = [  # (name, default, help[, choices]): every default in one place
-    ("data", kd.DEFAULT_DATA, "BUSI folder, a folder with images/ and masks/, or 'phantom'"),
-    ("classes", "benign,malignant", "BUSI classes to use, comma-separated"),
-    ("folds", 3, "k of the k-fold split (the paper: 3-fold cross-validation)"),
-    ("fold_list", "all", "which folds to run, e.g. 0,2 (default: all of them)"),
-    ("rows", "all", "which rows to run, e.g. Student,L_KLD,L_KLD_WAug; Teacher and Student always run "
-                    "(the p-values compare against them)"),
-    ("size", 224, "images are resized to size x size (the paper: 224)"),
-    ("phantom_count", 240, "number of phantom images"),
-    ("data_seed", 0, "seed of the split (and of the phantom)"),
-    ("val_fraction", 0.15, "share of the training part held out for early stopping"),
-    ("near_dup", 0.95, "thumbnail correlation above which images are near-copies, kept on one side of the split "
-     "(0: exact copies only)"),
-    ("teacher_width", 64, "teacher U-Net width: 64 = 31.0M params, 112 = 95.0M (the paper's scale)"),
-    ("student_width", 10, "student U-Net width: 10 = 0.76M params (the paper: 0.82M)"),
-    ("epochs", 100, "most epochs of every run (the paper: 500)"),
-    ("patience", 20, "early stopping patience of every run (the paper: 50)"),
-    ("batch_size", 16, "images per step (the paper: 64)"),
-    ("lr", 1e-4, "Adam learning rate (the paper: 1e-4)"),
-    ("schedule", "constant", "learning rate over a run: constant (the paper) or cosine (warm-up, then cosine decay)",
-     ["constant", "cosine"]),
-    ("warmup", 3, "epochs of linear warm-up of the cosine schedule"),
-    ("select", "loss", "which epoch's weights a run keeps: lowest validation loss (the paper) or highest validation "
-     "Dice", ["loss", "dice"]),
-    ("alpha", 0.5, "weight of L_distill in Eq. I (the paper: 0.5)"),
-    ("T", 1.0, "KLD temperature (the paper gives none: 1)"),
-    ("seeds", "0", "seeds, e.g. 0,1,2: every row runs once per fold and seed; within one fold and seed, rows "
-                   "differ only in what they distil (same initial student, same batches)"),
-    ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
-    ("amp", "auto", "mixed precision: auto, bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
-    ("compile", False, "torch.compile the training forward passes"),
-    ("n_perm", 10000, "random sign flips of the permutation test when there are more than 20 pairs"),
-    ("perm_seed", 0, "seed of those sign flips"),
-    ("table_only", False, "train nothing: print the table from the records already in --out (a part of the "
-                          "runs, or all of them)"),
-    ("ensembles", False, "train nothing: with the checkpoints of every seed in --out, test each teacher (and the "
-                         "student alone) against the mean-logits ensemble of its seeds and its mirrored self; writes "
-                         "ensembles_fold<F>_seed<S>.json"),
-    ("pictures", 4, "test images of the first fold shown in pictures.png (0: no picture)"),
-    ("out", "out/study", "the study folder: runs, checkpoints, table.md, results.json, pictures.png"),
-]
+DEFAULTS = dict(  # every default in one place
+    data=runs.DEFAULT_DATA,
+    classes="benign,malignant",
+    folds=3,
+    fold_list="all",
+    rows="all",
+    size=224,
+    phantom_count=240,
+    data_seed=0,
+    val_fraction=0.15,
+    near_dup=0.95,
+    teacher_width=64,
+    student_width=10,
+    epochs=100,
+    patience=20,
+    batch_size=16,
+    lr=0.0001,
+    schedule="constant",
+    warmup=3,
+    select="loss",
+    alpha=0.5,
+    T=1.0,
+    seeds="0",
+    device="auto",
+    amp="auto",
+    compile=False,
+    n_perm=10000,
+    perm_seed=0,
+    table_only=False,
+    ensembles=False,
+    pictures=4,
+    out="out/study",
+)
 # When no BUSI is present: a small study of the phantom, short runs at ten times the paper's learning rate.
 PHANTOM_DEMO = dict(size=64, phantom_count=120, epochs=20, batch_size=8, teacher_width=16, student_width=8, lr=1e-3)
+
+
+def options():
+    """The command line, in plain argparse; the defaults are DEFAULTS."""
+    p = runs.parser(__doc__, DEFAULTS)
+    add = p.add_argument
+    add("--data", help="BUSI folder, a folder with images/ and masks/, or 'phantom'")
+    add("--classes", help="BUSI classes to use, comma-separated")
+    add("--folds", type=int, help="k of the k-fold split (the paper: 3-fold cross-validation)")
+    add("--fold_list", help="which folds to run, e.g. 0,2 (default: all of them)")
+    add("--rows", help="which rows to run, e.g. Student,L_KLD,L_KLD_WAug; Teacher and Student always run (the "
+        "p-values compare against them)")
+    add("--size", type=int, help="images are resized to size x size (the paper: 224)")
+    add("--phantom_count", type=int, help="number of phantom images")
+    add("--data_seed", type=int, help="seed of the split (and of the phantom)")
+    add("--val_fraction", type=float, help="share of the training part held out for early stopping")
+    add("--near_dup", type=float, help="thumbnail correlation above which images are near-copies, kept on one side "
+        "of the split (0: exact copies only)")
+    add("--teacher_width", type=int, help="teacher U-Net width: 64 = 31.0M params, 112 = 95.0M (the paper's scale)")
+    add("--student_width", type=int, help="student U-Net width: 10 = 0.76M params (the paper: 0.82M)")
+    add("--epochs", type=int, help="most epochs of every run (the paper: 500)")
+    add("--patience", type=int, help="early stopping patience of every run (the paper: 50)")
+    add("--batch_size", type=int, help="images per step (the paper: 64)")
+    add("--lr", type=float, help="Adam learning rate (the paper: 1e-4)")
+    add("--schedule", choices=["constant", "cosine"], help="learning rate over a run: constant (the paper) or cosine "
+        "(warm-up, then cosine decay)")
+    add("--warmup", type=int, help="epochs of linear warm-up of the cosine schedule")
+    add("--select", choices=["loss", "dice"], help="which epoch's weights a run keeps: lowest validation loss (the "
+        "paper) or highest validation Dice")
+    add("--alpha", type=float, help="weight of L_distill in Eq. I (the paper: 0.5)")
+    add("--T", type=float, help="KLD temperature (the paper gives none: 1)")
+    add("--seeds", help="seeds, e.g. 0,1,2: every row runs once per fold and seed; within one fold and seed, rows "
+        "differ only in what they distil (same initial student, same batches)")
+    add("--device", help="auto (cuda, then mps, then cpu), or a torch device")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision: auto, bf16, fp16 or off (fp32)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training forward passes")
+    add("--n_perm", type=int, help="random sign flips of the permutation test when there are more than 20 pairs")
+    add("--perm_seed", type=int, help="seed of those sign flips")
+    add("--table_only", action=argparse.BooleanOptionalAction, help="train nothing: print the table from the records "
+        "already in --out (a part of the runs, or all of them)")
+    add("--ensembles", action=argparse.BooleanOptionalAction, help="train nothing: with the checkpoints of every "
+        "seed in --out, test each teacher (and the student alone) against the mean-logits ensemble of its "
+        "seeds and its mirrored self; writes ensembles_fold<F>_seed<S>.json")
+    add("--pictures", type=int, help="test images of the first fold shown in pictures.png (0: no picture)")
+    add("--out", help="the study folder: runs, checkpoints, table.md, results.json, pictures.png")
+    return p
 
 # ----------------------------------------------------------------------------- the rows of Table 4
 
@@ -97,12 +136,14 @@ ROWS.update({  # the two other methods, our readings of their papers (train_stud
     "T2KD": dict(teachers=CLASS_TEACHERS, pathway="joint", loss="kld", sup="wb"),
     "T2KD_noWB": dict(teachers=CLASS_TEACHERS, pathway="joint", loss="kld", sup="ce"),
     "DCKD": dict(teacher="Teacher", pathway="dckd"),
+    "L_CWD": dict(teacher="Teacher", pathway="logits", loss="cwd"),  # channel-wise distillation (Shu et al. 2021)
+    "L_CWD_WAug": dict(teacher="Teacher_WAug", pathway="logits", loss="cwd"),
 })
 # A stronger teacher for the paper's best row: the mean logits of Teacher_WAug's seeds 0, 1 and 2 of
 # the same fold (models.Ensemble). It runs only when --seeds holds those three.
 ENSEMBLE_SEEDS = (0, 1, 2)
 ROWS["L_KLD_WAug_Ens3"] = dict(teacher="Teacher_WAug", ensemble=ENSEMBLE_SEEDS, pathway="logits", loss="kld")
-EXTRA_ROWS = {"Teacher_WAug", "Teacher_benign", "Teacher_malignant", "T2KD", "T2KD_noWB", "DCKD",
+EXTRA_ROWS = {"Teacher_WAug", "Teacher_benign", "Teacher_malignant", "T2KD", "T2KD_noWB", "DCKD", "L_CWD", "L_CWD_WAug",
               "L_KLD_WAug_Ens3"}  # not in Table 4
 DISTILLED = [r for r in ROWS if "pathway" in ROWS[r] and ROWS[r]["pathway"] != "none"]
 PAPER = {  # Table 4 of Behboodi et al. 2025, Dice %, mean (+- std) over 3 folds of UDIAT
@@ -111,7 +152,8 @@ PAPER = {  # Table 4 of Behboodi et al. 2025, Dice %, mean (+- std) over 3 folds
     "H_KLD_WAug": "78.50", "HReg_MSE": "78.06", "HReg_MSE_WAug": "77.63", "HReg_KLD": "79.00",
     "HReg_KLD_WAug": "79.31", "T2KD": "83.59 (BUSI, 2.2M, own split)", "DCKD": "+7 over its student (3D ABUS)",
 }
-HOW_NOT_WHAT = {"device", "amp", "compile", "out", "teacher", "class_teachers", "data"}  # where and how, not what: may change on resuming
+# Options a study may change between calls: runs.NEUTRAL_OPTIONS, and amp (a study checks its precision itself)
+NEUTRAL_OPTIONS = runs.NEUTRAL_OPTIONS | {"amp"}
 BEFORE = {"schedule": "constant", "select": "loss", "near_dup": "0.0"}  # what runs recorded before these options had
 
 
@@ -168,7 +210,7 @@ def _what(argv):
     for k, v in BEFORE.items():
         if k != "near_dup" or "aug" in pairs:  # only a teacher's run makes the split
             pairs.setdefault(k, v)
-    return {k: v for k, v in pairs.items() if k not in HOW_NOT_WHAT}
+    return {k: v for k, v in pairs.items() if k not in NEUTRAL_OPTIONS}
 
 
 def teacher_sha1(row, seed, teacher_recs):
@@ -210,7 +252,7 @@ def run(row, fold, seed, args, label, precision, teacher_recs=None):
     print(f"\n=== {label} fold {fold} seed {seed} {row}: python {script.__name__}.py {shlex.join(argv)}", flush=True)
     try:
         try:
-            ckpt = script.main(argv + (["--resume"] if os.path.isfile(kd.state_path(ckpt_path)) else []))
+            ckpt = script.main(argv + (["--resume"] if os.path.isfile(runs.state_path(ckpt_path)) else []))
         except UserError as e:
             if not str(e).startswith("--resume"):
                 raise
@@ -226,11 +268,11 @@ def run(row, fold, seed, args, label, precision, teacher_recs=None):
                per_image_iou=t["per_image_iou"], names=t["names"], parameters=ckpt["parameters"],
                train_seconds=t["train_seconds"], epoch=ckpt["epoch"], stopped=ckpt["stopped"],
                precision=ckpt["precision"], machine=ckpt["machine"], data_fingerprint=ckpt["data_fingerprint"],
-               sha1=kd.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv, checkpoint=ckpt_path,
+               sha1=runs.file_hash(ckpt_path), script=script.__name__ + ".py", argv=argv, checkpoint=ckpt_path,
                versions=ckpt["versions"], history=ckpt["history"])
     if teacher_recs is not None:
         rec["teacher_sha1"] = teacher_sha1(row, seed, teacher_recs)
-    kd.write_json(json_path, rec)
+    runs.write_json(json_path, rec)
     return rec
 
 
@@ -266,41 +308,14 @@ def paired_permutation_test(a, b, n_perm=10000, seed=0):
 
 # ----------------------------------------------------------------------------- the table
 
-def t_quantile(q, df):
-    """The q-quantile of Student's t distribution with df degrees of freedom (q > 0.5): bisection
-    on its CDF, 1/2 + the integral of the density from 0 to x (trapezoids on 20001 points)."""
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    density = lambda t: np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
-    cdf = lambda x: 0.5 + (density(np.linspace(0, x, 20001)).sum() - (density(0.0) + density(x)) / 2) * x / 20000
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < q:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
-    return (lo + hi) / 2
-
-
-def paired_interval(d, level=0.95):
-    """Mean of paired differences d and its t interval: mean +- t(1 - (1 - level)/2, n - 1) * sd / sqrt(n).
-    Returns (mean, low, high); low and high are None for fewer than 2 pairs."""
-    d = np.asarray(d, dtype=np.float64)
-    if len(d) < 2:
-        return float(d.mean()) if len(d) else None, None, None
-    half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
-
-
 def summarise(records, rows, n_perm, perm_seed):
     """records: {(row, fold, seed): record} -> one dict per row. Per row: the mean and spread of
     Dice over its runs (fold x seed); its gain over the student alone, paired by fold and seed, with
-    a 95% t interval over those pairs; for a distilled row, the share of its teacher's lead it
-    recovers; per-image permutation p-values against Teacher and Student alone."""
-    def runs(row):
+    a 95% t interval over those pairs and its means per fold and per seed; for a distilled row, the
+    share of its teacher's lead it recovers on the same pairs, with a paired bootstrap interval;
+    per-image permutation p-values against Teacher and Student alone."""
+    def runs_of(row):
         return {(f, s): r for (r_, f, s), r in records.items() if r_ == row}
-
-    def per_image(row):  # (fold, seed, image) -> Dice
-        return {(f, s, n): d for (f, s), r in runs(row).items() for n, d in zip(r["names"], r["per_image_dice"])}
 
     def dice_on(rec, names):  # a run's mean Dice over some of its test images (a class teacher's)
         if set(names) == set(rec["names"]):
@@ -308,14 +323,14 @@ def summarise(records, rows, n_perm, perm_seed):
         own = dict(zip(rec["names"], rec["per_image_dice"]))
         return float(np.mean([own[n] for n in names]))
 
-    def gain(row, base="Student"):  # paired by fold and seed, on the images the row was tested on
-        mine, theirs = runs(row), runs(base)
-        return paired_interval([mine[k]["dice"] - dice_on(theirs[k], mine[k]["names"])
-                                for k in sorted(mine.keys() & theirs.keys())])
+    def differences(row, base="Student", keys=None):  # (fold, seed) -> row minus base, on the row's images
+        mine, theirs = runs_of(row), runs_of(base)
+        keys = sorted(mine.keys() & theirs.keys()) if keys is None else [k for k in keys if k in mine and k in theirs]
+        return {k: mine[k]["dice"] - dice_on(theirs[k], mine[k]["names"]) for k in keys}
 
     out = {}
     for row in rows:
-        recs = list(runs(row).values())
+        recs = list(runs_of(row).values())
         if not recs:
             continue
         dice = [r["dice"] for r in recs]
@@ -324,25 +339,64 @@ def summarise(records, rows, n_perm, perm_seed):
                  val_dice_mean=float(np.mean([r["val_dice"] for r in recs])),
                  iou_mean=float(np.mean([r["iou"] for r in recs])), parameters=recs[0]["parameters"],
                  train_seconds=float(sum(r["train_seconds"] for r in recs)),
-                 precision=sorted({r["precision"] for r in recs}), paper=PAPER.get(row))
-        s["gain"] = gain(row) if row != "Student" else (None, None, None)
+                 precision=sorted({r["precision"] for r in recs}), paper=PAPER.get(row),
+                 late_best=sum(r["epoch"] > 0.9 * int(_what(r["argv"]).get("epochs", r["epoch"])) for r in recs))
+        d = differences(row) if row != "Student" else {}
+        s["gain"] = kd.paired_interval(list(d.values())) if d else (None, None, None)
+        s["gain_by_fold"] = {f: float(np.mean([v for (f_, _), v in d.items() if f_ == f])) for f in sorted({k[0] for k in d})}
+        s["gain_by_seed"] = {x: float(np.mean([v for (_, x_), v in d.items() if x_ == x])) for x in sorted({k[1] for k in d})}
         teacher = ROWS[row].get("teacher", "Teacher")  # class teachers: the lead of the teacher of every class
-        if row in DISTILLED and runs(teacher):
-            lead = gain(teacher)[0]
-            s["teacher_lead"] = lead
-            s["share_of_lead"] = s["gain"][0] / lead if lead and lead > 0 else None
+        if row in DISTILLED and runs_of(teacher) and d:
+            lead = differences(teacher, keys=list(d))  # on the row's own pairs: an ensemble row's fold 0 only
+            keys = [k for k in d if k in lead]
+            s["teacher_lead"] = float(np.mean([lead[k] for k in keys])) if keys else None
+            s["share_of_lead"] = share_interval([d[k] for k in keys], [lead[k] for k in keys], perm_seed)
         for base in ("Teacher", "Student"):
-            mine, theirs = per_image(row), per_image(base)
-            keys = sorted(mine.keys() & theirs.keys())
-            s[f"p_vs_{base.lower()}"] = (None if row == base or not keys else paired_permutation_test(
-                [mine[k] for k in keys], [theirs[k] for k in keys], n_perm, perm_seed))
-            s[f"pairs_vs_{base.lower()}"] = len(keys) if row != base else 0
+            a, b = per_image_means(records, row, base)
+            s[f"p_vs_{base.lower()}"] = (None if row == base or not a else paired_permutation_test(a, b, n_perm, perm_seed))
+            s[f"pairs_vs_{base.lower()}"] = len(a) if row != base else 0
         out[row] = s
     return out
 
 
-def _p(p):
-    return "—" if p is None else f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+def per_image_means(records, row, base):
+    """Per test image (fold, name): its Dice under `row` and under `base`, each averaged over the seeds
+    both ran, so an image tested under three seeds counts once, not three times."""
+    dice = lambda r_: {(f, n, s): v for (r, f, s), rec in records.items() if r == r_
+                       for n, v in zip(rec["names"], rec["per_image_dice"])}
+    mine, theirs = dice(row), dice(base)
+    images = {}
+    for f, n, s in mine.keys() & theirs.keys():
+        images.setdefault((f, n), []).append((mine[f, n, s], theirs[f, n, s]))
+    keys = sorted(images)
+    return [float(np.mean([p[0] for p in images[k]])) for k in keys], [float(np.mean([p[1] for p in images[k]])) for k in keys]
+
+
+def share_interval(gains, leads, seed=0, n_boot=2000):
+    """The share of the teacher's lead a row recovers, mean(gains) / mean(leads) over paired
+    replicates, with a 95% paired bootstrap interval (replicates resampled with replacement).
+    Returns (share, low, high); None when the mean lead is not above 0; low and high None when more
+    than 2.5% of the resamples have no positive lead (the ratio then has no upper bound)."""
+    g, l = np.asarray(gains, dtype=np.float64), np.asarray(leads, dtype=np.float64)
+    if not len(l) or l.mean() <= 0:
+        return None
+    if len(l) < 2:
+        return float(g.mean() / l.mean()), None, None
+    idx = np.random.default_rng(seed).integers(0, len(l), size=(n_boot, len(l)))
+    lead_b, gain_b = l[idx].mean(1), g[idx].mean(1)
+    if np.mean(lead_b <= 0) > 0.025:
+        return float(g.mean() / l.mean()), None, None
+    ratio = gain_b[lead_b > 0] / lead_b[lead_b > 0]
+    return float(g.mean() / l.mean()), float(np.quantile(ratio, 0.025)), float(np.quantile(ratio, 0.975))
+
+
+def _p(p, n_perm):
+    """A p-value as printed; one at the floor of n_perm random sign flips, 1 / (n_perm + 1), as '< 1e-04'."""
+    if p is None:
+        return "—"
+    if p * (n_perm + 1) <= 1 + 1e-9:
+        return f"< {10.0 ** math.ceil(math.log10(p)):.0e}"
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
 
 def verdict(gain):
@@ -360,17 +414,22 @@ def format_table(summary, args):
     pct = lambda x: f"{100 * x:.2f}"
     signed = lambda x: f"{100 * x:+.2f}"
     lines = ["| Row | Runs | Dice % (mean ± sd over runs) | Val Dice % | Gain over Student alone [95% CI] "
-             "| Verdict | Share of teacher's lead | Params | p vs Teacher | p vs Student | Paper Dice % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Verdict | Gain by fold; by seed | Share of teacher's lead [95% CI] | Best epoch in last tenth | Params "
+             "| p vs Teacher | p vs Student | Paper Dice % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, s in summary.items():
         name = f"{row}*" if row in EXTRA_ROWS else row
         spread = "" if s["dice_std"] is None else f" ± {pct(s['dice_std'])}"
         g = s["gain"]
         gain = "—" if g[0] is None else signed(g[0]) + ("" if g[1] is None else f" [{signed(g[1])}, {signed(g[2])}]")
-        share = "—" if s.get("share_of_lead") is None else f"{100 * s['share_of_lead']:.0f}%"
+        by = lambda means: " / ".join(signed(v) for v in means.values())
+        split_gain = "—" if g[0] is None else f"{by(s['gain_by_fold'])}; {by(s['gain_by_seed'])}"
+        sh = s.get("share_of_lead")
+        share = "—" if sh is None else f"{100 * sh[0]:.0f}%" + ("" if sh[1] is None else f" [{100 * sh[1]:.0f}%, {100 * sh[2]:.0f}%]")
         lines.append(f"| {name} | {s['runs']} | {pct(s['dice_mean'])}{spread} | {pct(s['val_dice_mean'])} | {gain} "
-                     f"| {verdict(g) if g[0] is not None else '—'} | {share} | {kd.fmt_params(s['parameters'])} "
-                     f"| {_p(s['p_vs_teacher'])} | {_p(s['p_vs_student'])} | {s['paper'] or '—'} |")
+                     f"| {verdict(g) if g[0] is not None else '—'} | {split_gain} | {share} | {s['late_best']} of {s['runs']} "
+                     f"| {runs.fmt_params(s['parameters'])} | {_p(s['p_vs_teacher'], args.n_perm)} "
+                     f"| {_p(s['p_vs_student'], args.n_perm)} | {s['paper'] or '—'} |")
     precisions = sorted({p for s in summary.values() for p in s["precision"]})
     lines += [
         "",
@@ -380,12 +439,17 @@ def format_table(summary, args):
         f"precision {', '.join(precisions)}. A run is one fold and one seed; Dice: mean ± sample std over a row's runs "
         f"of each run's mean test Dice; Val Dice: the same on the validation part, which is what rows are chosen by.",
         "Gain: the row's Dice minus the student alone's, paired by fold and seed, mean and 95% t interval over the "
-        "pairs (each fold-seed pair taken as an independent replicate; folds share training images, so the "
-        "interval is if anything too narrow). Verdict: 'above 0' or 'below 0' when the interval excludes 0, "
-        "else too close to call. Share of teacher's lead: gain / (its teacher - student alone), means over the pairs. "
-        "A class teacher is tested on its class's test images only, and its gain is over the student alone on those.",
-        f"p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold, seed and "
-        f"name ({args.n_perm} random sign flips with seed {args.perm_seed} above 20 pairs, else exact); it is "
+        "pairs, each fold-seed pair taken as a replicate (independent only where runs drew their initial weights "
+        "from fold and seed; folds share training images, so the interval is if anything too narrow); beside it the "
+        "mean gain of each fold, then of each seed. Verdict: 'above 0' or 'below 0' when the interval excludes 0, "
+        "else too close to call. Share of teacher's lead: mean gain / mean lead of its teacher over the student "
+        "alone, on the row's own pairs, with a 95% paired bootstrap interval (2000 resamples of the pairs; none "
+        "when the lead is not clearly above 0). Best epoch in last tenth: runs whose kept epoch fell in the last "
+        "tenth of the schedule, still improving. A class teacher is tested on its class's test images only, "
+        "and its gain is over the student alone on those.",
+        f"p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold and name, "
+        f"each image's Dice averaged over the seeds both rows ran ({args.n_perm} random sign flips with seed "
+        f"{args.perm_seed} above 20 images, else exact; '< 1e-04' is the floor of {args.n_perm} flips); it is "
         f"conditional on the trained models (it asks whether these models differ on these images, not whether "
         f"the method does over retraining): read the gain's interval for that. Not corrected for multiple tests.",
     ]
@@ -393,7 +457,8 @@ def format_table(summary, args):
         lines.append("* not in the paper's Table 4: Teacher_WAug (the teacher the _WAug rows distil from), the class "
                      "teachers and the two other methods, T2KD and DCKD, in our reading; for T2KD the share is of "
                      "Teacher's lead. L_KLD_WAug_Ens3: L_KLD_WAug distilled from the mean logits of Teacher_WAug's "
-                     "seeds 0, 1 and 2 (its share is of one Teacher_WAug's lead).")
+                     "seeds 0, 1 and 2 (its share is of one Teacher_WAug's lead on the same folds and seeds). L_CWD: "
+                     "channel-wise distillation of the logits (Shu et al. 2021).")
     return "\n".join(lines)
 
 
@@ -406,8 +471,8 @@ def ensembles(args, folds, seeds, rows):
     parts; and each seed's model averaged with its mirror image (models.Mirrored, what
     --teacher_flip distils). Trains nothing; needs the checkpoints the study left in --out.
     Returns {row: [per fold]}."""
-    device = kd.pick_device(args.device)
-    dtype = kd.amp_dtype(device, args.amp)
+    device = runs.pick_device(args.device)
+    dtype = runs.amp_dtype(device, args.amp)
     found = {}
     for f in folds:
         data = None
@@ -416,15 +481,15 @@ def ensembles(args, folds, seeds, rows):
             if not all(os.path.isfile(p) for p in paths):
                 print(f"fold {f} {row}: a checkpoint of seeds {','.join(map(str, seeds))} is missing; skipped")
                 continue
-            ckpts = [kd.load_checkpoint(p, ("teacher", "student"), "--ensembles") for p in paths]
+            ckpts = [runs.load_checkpoint(p, ("teacher", "student"), "--ensembles") for p in paths]
             if data is None:
-                data, splits = kd.load_split_data(argparse.Namespace(**{**vars(args), "fold": f, "split": None}))
+                data, splits = runs.load_split_data(argparse.Namespace(**{**vars(args), "fold": f, "split": None}))
                 images, masks = data.images.to(device), data.masks.to(device)
             named = {k: [data.names[i] for i in v] for k, v in splits[f].items()}
             if any(c["split"] != named for c in ckpts):
                 raise UserError(f"{paths[0]}: trained on another split than fold {f} of --data {args.data}")
-            models = [kd.to_device(kd.build_model(c), device) for c in ckpts]
-            rec = dict(fold=f, seeds=seeds, sha1=[kd.file_hash(p) for p in paths])
+            models = [runs.to_device(runs.build_model(c), device) for c in ckpts]
+            rec = dict(fold=f, seeds=seeds, sha1=[runs.file_hash(p) for p in paths])
             for part in ("val", "test"):
                 score = lambda m: kd.evaluate(m, images, masks, splits[f][part], device, dtype)
                 each, flipped = [score(m)["dice"] for m in models], [score(Mirrored(m).eval())["dice"] for m in models]
@@ -446,10 +511,10 @@ def ensembles(args, folds, seeds, rows):
                          f"| {pct(np.mean(t['flipped']))} | {pct(t['ensemble'])} |")
     lines.append(f"\nSeeds {','.join(map(str, seeds))}; mirrored: each seed's model, the mean of its logits on the "
                  f"image and its mirror image; ensemble: the mean of the seeds' logits; thresholded at "
-                 f"probability 0.5; {kd.precision_name(dtype)}.")
+                 f"probability 0.5; {runs.precision_name(dtype)}.")
     print("\n".join(lines))
     name = f"ensembles_fold{'-'.join(map(str, folds))}_seed{'-'.join(map(str, seeds))}.json"  # one probe, one file
-    kd.write_json(os.path.join(args.out, name), dict(rows=found, table="\n".join(lines)))
+    runs.write_json(os.path.join(args.out, name), dict(rows=found, table="\n".join(lines)))
     return found
 
 
@@ -495,21 +560,21 @@ def make_pictures(args, fold, seed, best, path):
     if missing:  # its JSON is there, so the study did not re-run it
         print(f"no pictures: {', '.join(missing)} missing; delete its .json and run the study again to remake it")
         return None
-    ckpts = [kd.load_checkpoint(p, "teacher" if i == 0 else "student", "checkpoint") for i, p in enumerate(paths)]
+    ckpts = [runs.load_checkpoint(p, "teacher" if i == 0 else "student", "checkpoint") for i, p in enumerate(paths)]
     targs = argparse.Namespace(**ckpts[0]["args"])
     targs.data = args.data
-    data, splits = kd.load_split_data(targs)
+    data, splits = runs.load_split_data(targs)
     split = splits[fold]
     test = split["test"]
     spaced = np.linspace(0, len(test) - 1, min(args.pictures, len(test))).round().astype(int)
     chosen = [test[i] for i in np.unique(spaced)]  # a fixed choice: the same images on every call
-    device = kd.pick_device(args.device)
-    dtype = kd.amp_dtype(device, args.amp)
+    device = runs.pick_device(args.device)
+    dtype = runs.amp_dtype(device, args.amp)
     idx = torch.as_tensor(chosen, device=device)
     x, y = kd.batch(data.images.to(device), data.masks.to(device), idx)  # aug none: normalised, channels_last
     preds, dices = [], []
     for ck in ckpts:
-        model = kd.to_device(kd.build_model(ck), device)
+        model = runs.to_device(runs.build_model(ck), device)
         with torch.no_grad(), kd.autocast(device, dtype):
             lesion = kd.lesion_mask(model(x))
         preds.append(lesion[:, 0].cpu().numpy())
@@ -546,9 +611,9 @@ def _choose(text, valid, what):
 def main(argv=None):
     """Run with command-line words `argv`; returns dict(summary, table, ran), `ran` listing the
     (row, fold, seed) runs this call trained (none when everything was done already)."""
-    args, given = kd.parse_args(OPTIONS, __doc__, argv)
-    kd.choose_data(args, given, PHANTOM_DEMO)
-    kd.check_at_least(args)
+    p = options()
+    args = runs.choose_data(p, argv, p.parse_args(argv), PHANTOM_DEMO)
+    runs.check_at_least(args)
     folds = sorted({int(f) for f in _choose(args.fold_list, [str(f) for f in range(args.folds)], "fold_list")})
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
@@ -566,7 +631,7 @@ def main(argv=None):
     rows = [r for r in ROWS if r in chosen]  # the paper's order, teachers first
     if args.pictures < 0 or args.n_perm < 1:
         raise UserError("--pictures must be >= 0 and --n_perm >= 1")
-    precision = kd.precision_name(kd.amp_dtype(kd.pick_device(args.device), args.amp))
+    precision = runs.precision_name(runs.amp_dtype(runs.pick_device(args.device), args.amp))
     seen = set()
     for path in glob.glob(os.path.join(args.out, "fold*", "seed*", "*.json")):
         with open(path) as f:
@@ -633,8 +698,8 @@ def main(argv=None):
     table = format_table(summary, args)
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(table + "\n")
-    options = {k: v for k, v in vars(args).items() if k != "precisions_seen"}
-    kd.write_json(os.path.join(args.out, "results.json"), dict(options=options, folds=folds, seeds=seeds,
+    chosen_options = {k: v for k, v in vars(args).items() if k != "precisions_seen"}
+    runs.write_json(os.path.join(args.out, "results.json"), dict(options=chosen_options, folds=folds, seeds=seeds,
                                                                rows=summary, runs_this_call=ran))
     print(f"\n{table}\n\n{len(ran)} runs trained by this call, {len(records) - len(ran)} reused; "
           f"wrote {os.path.join(args.out, 'table.md')} and results.json")
@@ -646,4 +711,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    kd.run(main)
+    runs.exit_on_error(main)

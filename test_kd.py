@@ -1,11 +1,14 @@
 """Tests: python -m pytest -q   (the BUSI tests run when BUSI_DIR names a Dataset_BUSI_with_GT folder)."""
+import ast
 import glob
+import inspect
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import bench
 import data
 import kd
 import losses
+import runs
 import predict
 import study
 import train_student
@@ -29,6 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUSI_DIR = os.environ.get("BUSI_DIR", "")
 needs_busi = pytest.mark.skipif(not os.path.isdir(os.path.join(BUSI_DIR, "benign")),
                                 reason="set BUSI_DIR to a Dataset_BUSI_with_GT folder to run the BUSI tests")
+# The devices the tests that train, evaluate, distil, resume, export or benchmark run on: the CPU
+# always, CUDA and Apple's MPS where this machine has them (conftest.py names them in the summary).
+DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+on_devices = pytest.mark.parametrize("device", DEVICES)
 TINY = ["--data", "phantom", "--phantom_count", "24", "--size", "32", "--epochs", "2", "--batch_size", "4",
         "--folds", "2", "--device", "cpu"]
 
@@ -71,8 +79,8 @@ def test_unet_shapes_and_features():
 
 
 def test_parameter_counts_at_script_defaults():
-    width = lambda opts: next(o[1] for o in opts if o[0] == "width")
-    n_teacher, n_student = count_parameters(UNet(width(train_teacher.OPTIONS))), count_parameters(UNet(width(train_student.OPTIONS)))
+    n_teacher = count_parameters(UNet(train_teacher.DEFAULTS["width"]))
+    n_student = count_parameters(UNet(train_student.DEFAULTS["width"]))
     assert 30.5e6 < n_teacher < 31.5e6
     assert 0.7e6 < n_student < 1e6
     assert 90e6 < count_parameters(UNet(112)) < 100e6  # the paper's teacher scale
@@ -106,6 +114,20 @@ def test_kld_temperature_scaling():
     soft = losses.kld(s, t, dim=1, T=4.0)
     plain = losses.kld(s / 4, t / 4, dim=1, T=1.0)  # the same distributions, without the T^2
     assert soft.item() == pytest.approx(16 * plain.item(), rel=1e-5)
+
+
+def test_cwd_matches_a_loop_over_images_and_channels():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 2, 3, 4, generator=g), torch.randn(2, 2, 3, 4, generator=g)
+    for T in (1.0, 4.0):
+        want = 0.0
+        for n in range(2):
+            for c in range(2):  # each class map is a distribution over its 12 pixels
+                p, q = (torch.softmax(v[n, c].flatten() / T, 0) for v in (t, s))
+                want += float((p * (p / q).log()).sum())
+        assert losses.cwd(s, t, T) == pytest.approx(want / 4 * T * T, rel=1e-5)
+        assert losses.logits_loss(s, t, "cwd", T) == losses.cwd(s, t, T)
+    assert losses.cwd(t + 5.0, t) == pytest.approx(0.0, abs=1e-6)  # a constant shift of a map changes no distribution
 
 
 def test_hidden_regressor_kld_is_over_channels_per_position():
@@ -363,9 +385,11 @@ def test_dice_iou_on_hand_made_masks():
     assert d.tolist() == pytest.approx([c[2] for c in cases]) and j.tolist() == pytest.approx([c[3] for c in cases])
 
 
-def test_evaluate_keeps_every_image():
+@on_devices
+def test_evaluate_keeps_every_image(device):
     d = data.make_phantom(7, 32, 0)
-    r = kd.evaluate(UNet(2).eval(), d.images, d.masks, list(range(7)), torch.device("cpu"), None, batch_size=3)
+    r = kd.evaluate(UNet(2).to(device).eval(), d.images.to(device), d.masks.to(device), list(range(7)),
+                    torch.device(device), None, batch_size=3)
     assert len(r["per_image_dice"]) == 7 and 0 <= r["dice"] <= 1 and r["loss"] > 0
 
 
@@ -629,13 +653,52 @@ def test_near_duplicate_groups_join_chains_of_correlated_thumbnails():
     assert len(set(flat)) == 3  # a flat thumbnail correlates with nothing
 
 
+def small_busi(root, n_benign=12, n_malignant=6):
+    """A BUSI-like folder of random images, each with a lesion."""
+    rng = np.random.default_rng(1)
+    for cls, n in (("benign", n_benign), ("malignant", n_malignant)):
+        for i in range(1, n + 1):
+            save_png(f"{root}/{cls}/{cls} ({i}).png", rng.integers(0, 255, (20, 24), dtype=np.uint8))
+            mask = np.zeros((20, 24), np.uint8)
+            mask[4:12, 5:15] = 255
+            save_png(f"{root}/{cls}/{cls} ({i})_mask.png", mask)
+    return data.load_busi(root, size=16)
+
+
+def test_benchmark_name_lists_become_our_split(tmp_path):
+    d = small_busi(str(tmp_path / "busi"))
+    stems = [os.path.basename(n)[:-4] for n in d.names]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for k, test in ((1, stems[::3]), (2, stems[1::3])):  # the benchmark's val lists: our test parts
+        (lists / f"busi_train{k}.txt").write_text("\n".join(s for s in stems if s not in test) + "\n")
+        (lists / f"busi_val{k}.txt").write_text("\n".join(test) + "\n")
+    splits = runs.load_splits(str(lists), d, 2, 0.25, seed=0)
+    for k, s in enumerate(splits, 1):
+        stems_of = lambda part: {stems[i] for i in part}
+        assert stems_of(s["test"]) == set((lists / f"busi_val{k}.txt").read_text().splitlines())
+        assert stems_of(s["train"] + s["val"]) == set((lists / f"busi_train{k}.txt").read_text().splitlines())
+        for cls in ("benign", "malignant"):  # a quarter of each class of the benchmark's training list
+            n_cls = sum(d.labels[i] == cls for i in s["train"] + s["val"])
+            assert sum(d.labels[i] == cls for i in s["val"]) == round(0.25 * n_cls)
+    assert splits == runs.load_splits(str(lists), d, 2, 0.25, seed=0)
+    assert splits[0]["val"] != runs.load_splits(str(lists), d, 2, 0.25, seed=1)[0]["val"]
+    pair = runs.load_splits(f"{lists / 'busi_train2.txt'},{lists / 'busi_val2.txt'}", d, 1, 0.25, seed=0)
+    assert pair == splits[1:]
+    (lists / "busi_val1.txt").write_text("benign (99)\n")
+    with pytest.raises(UserError, match=r"busi_val1.txt: benign \(99\) is not an image of --data"):
+        runs.load_splits(str(lists), d, 2)
+    with pytest.raises(UserError, match="no busi_train1.txt"):
+        runs.load_splits(str(tmp_path), d, 2)
+
+
 # ----------------------------------------------------------------------------- scripts, checkpoints
 
 def test_checkpoint_round_trip_rebuilds_the_model(tiny_teacher):
     path, ckpt = tiny_teacher
-    loaded = kd.load_checkpoint(path, "teacher")
-    model = kd.build_model(loaded)
-    again = kd.build_model(loaded)
+    loaded = runs.load_checkpoint(path, "teacher")
+    model = runs.build_model(loaded)
+    again = runs.build_model(loaded)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
@@ -653,12 +716,13 @@ def test_same_seed_same_metrics_on_cpu(tiny_teacher, tmp_path):
     assert again["val"]["loss"] == ckpt["val"]["loss"]
 
 
-def test_training_lowers_the_loss():
+@on_devices
+def test_training_lowers_the_loss(device):
     torch.manual_seed(0)
     d = data.make_phantom(16, 32, 0)
-    model = UNet(4)
+    model = UNet(4).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = kd.batch(d.images, d.masks, torch.arange(16))
+    x, y = kd.batch(d.images.to(device), d.masks.to(device), torch.arange(16, device=device))
     first = None
     for _ in range(15):
         loss = losses.supervised_loss(model(x), y)
@@ -669,20 +733,29 @@ def test_training_lowers_the_loss():
     assert loss.item() < 0.7 * first
 
 
-@pytest.mark.parametrize("pathway,loss,extra", [("logits", "kld", []), ("hidden", "mse", []), ("hidden_regressor", "kld", []),
-                                               ("none", "kld", []), ("hidden", "kld", ["--teacher_flip"]),
+@pytest.mark.parametrize("pathway,loss,extra", [("logits", "kld", []), ("logits", "cwd", []), ("hidden", "mse", []),
+                                               ("hidden_regressor", "kld", []), ("none", "kld", []),
+                                               ("hidden", "kld", ["--teacher_flip"]),
                                                ("hidden_regressor", "mse", ["--fast_teacher"])])
-def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss, extra):
+@on_devices
+def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss, extra, device):
     path, t = tiny_teacher
     s = train_student.main(["--teacher", path, "--pathway", pathway, "--loss", loss, "--width", "2", "--no-alone",
-                            "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")] + extra)
+                            "--epochs", "1", "--batch_size", "4", "--device", device, "--out", str(tmp_path / "s.pt")]
+                           + extra)
     assert s["split"] == t["split"] and s["kind"] == "student"
-    saved = kd.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
+    saved = runs.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
     assert sorted(saved) == sorted(UNet(2).state_dict())  # exactly a student: no regressor weights saved with it
     assert s["parameters"] == count_parameters(UNet(2)) and s["teacher_parameters"] == t["parameters"]
     if not extra:  # the plain teacher is what is reported as the teacher
-        assert s["teacher_test"]["per_image_dice"] == pytest.approx(t["test"]["per_image_dice"])
+        assert s["teacher_test"]["per_image_dice"] == pytest.approx(t["test"]["per_image_dice"], abs=0 if device == "cpu" else 0.05)
     assert not os.path.exists(tmp_path / "student_alone.pt") and not os.path.exists(tmp_path / "s.run.pt")
+
+
+def test_cwd_is_for_the_logits_only(tiny_teacher, tmp_path):
+    with pytest.raises(UserError, match="--loss cwd: .* use it with --pathway logits"):
+        train_student.main(["--teacher", tiny_teacher[0], "--pathway", "hidden", "--loss", "cwd",
+                            "--out", str(tmp_path / "s.pt")])
 
 
 def test_student_refuses_another_split(tiny_teacher, tmp_path):
@@ -743,7 +816,7 @@ def test_student_distils_an_ensemble_of_teachers(tiny_teacher, tmp_path):
 def test_nan_loss_stops_keeps_the_state_and_the_older_checkpoint(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "t.pt")
     finished = train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--out", out])  # an older, finished run
-    before = kd.file_hash(out)
+    before = runs.file_hash(out)
     calls = {"n": 0}
     real = train_teacher.supervised_loss
 
@@ -754,13 +827,13 @@ def test_nan_loss_stops_keeps_the_state_and_the_older_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(train_teacher, "supervised_loss", flaky)
     with pytest.raises(SystemExit) as e:
-        kd.run(lambda: train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out]))
+        runs.exit_on_error(lambda: train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out]))
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: training loss became nan at epoch 2") and "state after epoch 1" in err
     assert len(err.splitlines()) == 1
-    assert kd.file_hash(out) == before and kd.load_checkpoint(out, "teacher")["test"] == finished["test"]
-    state = torch.load(kd.state_path(out), weights_only=True)  # the last good epoch, for --resume
+    assert runs.file_hash(out) == before and runs.load_checkpoint(out, "teacher")["test"] == finished["test"]
+    state = torch.load(runs.state_path(out), weights_only=True)  # the last good epoch, for --resume
     assert state["run"]["epoch"] == 1 and state["run"]["best_epoch"] == 1
 
 
@@ -769,7 +842,7 @@ def test_nan_validation_loss_from_epoch_one_is_one_line(tmp_path, monkeypatch, c
     monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), loss=float("nan")))
     out = tmp_path / "t.pt"
     with pytest.raises(SystemExit) as e:
-        kd.run(lambda: train_teacher.main(TINY + ["--width", "2", "--out", str(out)]))
+        runs.exit_on_error(lambda: train_teacher.main(TINY + ["--width", "2", "--out", str(out)]))
     assert e.value.code == 1  # as for a run that diverged
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: validation loss became nan at epoch 1"), err
@@ -790,8 +863,8 @@ def test_ctrl_c_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path / "t.pt")
     ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out])
     assert ckpt["epoch"] == 1 and ckpt["stopped"] == "interrupted"
-    assert kd.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
-    assert os.path.isfile(kd.state_path(out))  # kept: --resume can go on with the run
+    assert runs.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
+    assert os.path.isfile(runs.state_path(out))  # kept: --resume can go on with the run
 
 
 def test_bad_options_and_help(tiny_teacher, tmp_path):
@@ -921,8 +994,8 @@ def test_fit_follows_the_schedule_and_can_keep_the_best_dice(monkeypatch):
 
 
 def test_each_fold_and_seed_starts_from_weights_of_its_own(monkeypatch):
-    seeds = {(f, s): kd.run_seed(s, f) for f in range(3) for s in range(3)}
-    assert len(set(seeds.values())) == 9 and kd.run_seed(1, 2) == seeds[2, 1]
+    seeds = {(f, s): runs.run_seed(s, f) for f in range(3) for s in range(3)}
+    assert len(set(seeds.values())) == 9 and runs.run_seed(1, 2) == seeds[2, 1]
     starts = {}
 
     def stop(model, *a, **k):
@@ -939,8 +1012,8 @@ def test_each_fold_and_seed_starts_from_weights_of_its_own(monkeypatch):
 
 def test_no_gradient_reaches_train_students_teacher(tiny_teacher, tmp_path, monkeypatch):
     built = []
-    real = kd.build_model
-    monkeypatch.setattr(kd, "build_model", lambda ck: built.append(real(ck)) or built[-1])
+    real = runs.build_model
+    monkeypatch.setattr(runs, "build_model", lambda ck: built.append(real(ck)) or built[-1])
     train_student.main(["--teacher", tiny_teacher[0], "--pathway", "hidden_regressor", "--width", "2", "--no-alone",
                         "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")])
     teacher = built[0]
@@ -949,27 +1022,68 @@ def test_no_gradient_reaches_train_students_teacher(tiny_teacher, tmp_path, monk
     assert all(torch.equal(v.cpu(), saved[k]) for k, v in teacher.state_dict().items())  # running stats too
 
 
-def test_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    words = TINY + ["--width", "2", "--epochs", "4", "--aug", "strong", "--schedule", "cosine", "--warmup", "1"]
-    straight = train_teacher.main(words + ["--out", str(tmp_path / "a.pt")])
-    real = kd.save_checkpoint
+def killed_after_epoch(monkeypatch, main, words, epoch):
+    """Run main(words) as if the machine stopped right after the state of `epoch` was written."""
+    real = runs.save_checkpoint
 
-    def killed_after_epoch_2(path, ckpt):
+    def save_then_die(path, ckpt):
         real(path, ckpt)
-        if ckpt.get("kind") == "state" and ckpt["run"]["epoch"] == 2:
-            raise SystemExit("killed")  # as if the machine stopped right after the state was written
+        if ckpt.get("kind") == "state" and ckpt["run"]["epoch"] == epoch:
+            raise SystemExit("killed")
 
-    monkeypatch.setattr(kd, "save_checkpoint", killed_after_epoch_2)
-    out = str(tmp_path / "b.pt")
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit):
-        train_teacher.main(words + ["--out", out])
-    monkeypatch.setattr(kd, "save_checkpoint", real)
-    assert not os.path.exists(out) and os.path.isfile(kd.state_path(out))
+        main(words)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
+
+
+class EagerScaler(torch.amp.GradScaler):
+    """A grad scaler that doubles its scale after every good step: here every other step overflows
+    and is skipped, so which steps are skipped, and the weights, depend on the scaler's state."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self._growth_interval = 1
+
+
+def same_weights(a, b, device):
+    """Equal weights; on a GPU, whose kernels are not deterministic, equal within 1e-3."""
+    if device == "cpu":
+        return all(torch.equal(a[k], b[k]) for k in a)
+    return all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+@on_devices
+def test_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, device):
+    words = TINY + ["--width", "2", "--epochs", "4", "--aug", "strong", "--schedule", "cosine", "--warmup", "1",
+                    "--device", device]  # on a GPU the data stream's generator lives there too
+    straight = train_teacher.main(words + ["--out", str(tmp_path / "a.pt")])
+    out = str(tmp_path / "b.pt")
+    killed_after_epoch(monkeypatch, train_teacher.main, words + ["--out", out], 2)
+    assert not os.path.exists(out) and os.path.isfile(runs.state_path(out))
     resumed = train_teacher.main(words + ["--out", out, "--resume"])
-    assert resumed["test"]["per_image_dice"] == straight["test"]["per_image_dice"]
-    assert resumed["val"]["loss"] == straight["val"]["loss"] and resumed["epoch"] == straight["epoch"]
-    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
-    assert not os.path.exists(kd.state_path(out))  # a finished run leaves no state behind
+    assert same_weights(resumed["model"], straight["model"], device) and resumed["epoch"] == straight["epoch"]
+    if device == "cpu":
+        assert resumed["test"]["per_image_dice"] == straight["test"]["per_image_dice"]
+        assert resumed["val"]["loss"] == straight["val"]["loss"]
+    assert not os.path.exists(runs.state_path(out))  # a finished run leaves no state behind
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # a skipped first step
+@on_devices
+def test_resume_keeps_the_grad_scalers_state(tmp_path, monkeypatch, device):
+    monkeypatch.setattr(torch.amp, "GradScaler", EagerScaler)
+    words = TINY + ["--width", "2", "--epochs", "4", "--amp", "fp16", "--device", device]  # fp16: the scaler is on
+    straight = train_teacher.main(words + ["--out", str(tmp_path / "a.pt")])
+    out = str(tmp_path / "b.pt")
+    killed_after_epoch(monkeypatch, train_teacher.main, words + ["--out", out], 1)  # after 3 steps: scale 2^17
+    resumed = train_teacher.main(words + ["--out", out, "--resume"])
+    assert same_weights(resumed["model"], straight["model"], device)
+    # the same with the scaler's state dropped on resuming (its scale back at 2^16): the run goes another way
+    monkeypatch.setattr(EagerScaler, "load_state_dict", lambda self, state: None)
+    killed_after_epoch(monkeypatch, train_teacher.main, words + ["--out", out], 1)
+    dropped = train_teacher.main(words + ["--out", out, "--resume"])
+    assert not same_weights(dropped["model"], straight["model"], device)
 
 
 def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch, capsys):
@@ -978,31 +1092,18 @@ def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp
              "--negatives", "4", "--hard", "2", "--width", "2", "--epochs", "3", "--batch_size", "4",
              "--no-alone", "--device", "cpu"]
     straight = train_student.main(words + ["--out", str(tmp_path / "a.pt")])
-    real = kd.save_checkpoint
-
-    def killed_after_epoch_1(path, ckpt):
-        real(path, ckpt)
-        if ckpt.get("kind") == "state" and ckpt["run"]["epoch"] == 1:
-            raise SystemExit("killed")
-
-    monkeypatch.setattr(kd, "save_checkpoint", killed_after_epoch_1)
     out = str(tmp_path / "b.pt")
-    with pytest.raises(SystemExit):
-        train_student.main(words + ["--out", out])
-    monkeypatch.setattr(kd, "save_checkpoint", real)
+    killed_after_epoch(monkeypatch, train_student.main, words + ["--out", out], 1)
     capsys.readouterr()
     resumed = train_student.main(words + ["--out", out, "--resume"])
     assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
     assert "random generators" not in capsys.readouterr().out
     # a state saved without the step's generators (as before they were saved) resumes, and says
     # that the run will not repeat an uninterrupted one
-    monkeypatch.setattr(kd, "save_checkpoint", killed_after_epoch_1)
-    with pytest.raises(SystemExit):
-        train_student.main(words + ["--out", out])
-    monkeypatch.setattr(kd, "save_checkpoint", real)
-    state = torch.load(kd.state_path(out), weights_only=False)
+    killed_after_epoch(monkeypatch, train_student.main, words + ["--out", out], 1)
+    state = torch.load(runs.state_path(out), weights_only=False)
     del state["generators"]
-    torch.save(state, kd.state_path(out))
+    torch.save(state, runs.state_path(out))
     capsys.readouterr()
     train_student.main(words + ["--out", out, "--resume"])
     assert "holds 0 of the step's 1 random generators" in capsys.readouterr().out
@@ -1010,20 +1111,16 @@ def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp
 
 def test_resume_refuses_other_options_and_a_missing_state(tmp_path, monkeypatch):
     out = str(tmp_path / "t.pt")
-    real = kd.save_checkpoint
-
-    def killed(path, ckpt):
-        real(path, ckpt)
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(kd, "save_checkpoint", killed)
-    with pytest.raises(SystemExit):
-        train_teacher.main(TINY + ["--width", "2", "--out", out])
-    monkeypatch.setattr(kd, "save_checkpoint", real)
+    killed_after_epoch(monkeypatch, train_teacher.main, TINY + ["--width", "2", "--out", out], 1)
     with pytest.raises(UserError, match=r"--resume: .*--lr 0.001 \(now 0.01\)"):  # 0.001: the phantom demo's
         train_teacher.main(TINY + ["--width", "2", "--out", out, "--resume", "--lr", "1e-2"])
     with pytest.raises(UserError, match="no unfinished run"):
         train_teacher.main(TINY + ["--width", "2", "--out", str(tmp_path / "other.pt"), "--resume"])
+    state = torch.load(runs.state_path(out), weights_only=True)
+    state["tag"]["device"] = "cuda"  # as if the run had started on a GPU
+    torch.save(state, runs.state_path(out))
+    with pytest.raises(UserError, match=r"--resume: .* ran on cuda, and would go on on cpu here.*--device cuda"):
+        train_teacher.main(TINY + ["--width", "2", "--out", out, "--resume"])
 
 
 def test_split_file_round_trip_and_refusal(tmp_path, capsys):
@@ -1034,26 +1131,26 @@ def test_split_file_round_trip_and_refusal(tmp_path, capsys):
     made = data.make_splits(d.labels, d.hashes, 2, 0, 0.15)
     assert saved["folds"] == [{k: [d.names[i] for i in v] for k, v in s.items()} for s in made]
     assert saved["data_fingerprint"] == d.fingerprint() and saved["seed"] == 0
-    assert kd.load_splits(path, d, 2) == made  # round trip: names back to the same indices
+    assert runs.load_splits(path, d, 2) == made  # round trip: names back to the same indices
     moved = json.loads(json.dumps(saved))  # a hand-edited split: another assignment is honoured
     moved["folds"][0]["train"].append(moved["folds"][0]["test"].pop())
     json.dump(moved, open(path, "w"))
     ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--split", path, "--out", str(tmp_path / "t.pt")])
     assert {k: sorted(v) for k, v in ckpt["split"].items()} == {k: sorted(v) for k, v in moved["folds"][0].items()}
     with pytest.raises(UserError, match="holds 2 folds"):
-        kd.load_splits(path, d, 3)
+        runs.load_splits(path, d, 3)
     with pytest.raises(UserError, match="does not match --data"):
-        kd.load_splits(path, data.make_phantom(20, 32, 0), 2)
+        runs.load_splits(path, data.make_phantom(20, 32, 0), 2)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match="not a split file"):
-        kd.load_splits(str(tmp_path / "bad.json"), d, 2)
+        runs.load_splits(str(tmp_path / "bad.json"), d, 2)
 
 
 def test_main_job_reports_the_gain_and_reuses_the_student_alone(tiny_teacher, tmp_path, capsys):
     words = ["--teacher", tiny_teacher[0], "--width", "2", "--epochs", "1", "--batch_size", "4"]
     s = train_student.main(words + ["--out", str(tmp_path / "kd.pt")])
     out = capsys.readouterr().out
-    alone = kd.load_checkpoint(str(tmp_path / "student_alone.pt"), "student")
+    alone = runs.load_checkpoint(str(tmp_path / "student_alone.pt"), "student")
     assert alone["args"]["pathway"] == "none" and alone["split"] == s["split"]
     assert alone["model"].keys() == s["model"].keys()
     table = out[out.index("parameters  test Dice"):]
@@ -1061,11 +1158,30 @@ def test_main_job_reports_the_gain_and_reuses_the_student_alone(tiny_teacher, tm
         assert re.search(rf"^{name}.*{100 * r['dice']:.2f}$", table, re.M), (name, table)
     gain = 100 * (s["test"]["dice"] - alone["test"]["dice"])
     assert f"distillation: {gain:+.2f} Dice over the student alone" in table
-    before = kd.file_hash(str(tmp_path / "student_alone.pt"))
+    before = runs.file_hash(str(tmp_path / "student_alone.pt"))
     train_student.main(words + ["--pathway", "hidden", "--out", str(tmp_path / "kd2.pt")])  # another pathway
-    assert "reusing" in capsys.readouterr().out and kd.file_hash(str(tmp_path / "student_alone.pt")) == before
+    assert "reusing" in capsys.readouterr().out and runs.file_hash(str(tmp_path / "student_alone.pt")) == before
     train_student.main(words + ["--lr", "1e-2", "--out", str(tmp_path / "kd3.pt")])  # another schedule: retrained
     assert "training it again" in capsys.readouterr().out
+
+
+def test_report_gives_the_gain_with_its_interval_and_a_share_only_of_a_clear_lead(capsys):
+    alone = [0.5, 0.6, 0.7, 0.8]
+    distilled = [0.52, 0.61, 0.73, 0.82]  # gains 2, 1, 3, 2 points: mean 2, sd sqrt(2/3)
+    student = lambda dice: dict(parameters=10, test=dict(dice=sum(dice) / 4, per_image_dice=dice))
+    half = kd.t_quantile(0.975, 3) * math.sqrt(2 / 3) / 2
+    teacher = dict(dice=0.7, per_image_dice=[0.6, 0.7, 0.8, 0.9])  # leads by 10 points on every image
+    train_student.report(teacher, 100, [("student alone", student(alone)), ("distilled", student(distilled))])
+    out = capsys.readouterr().out
+    assert f"distillation: +2.00 Dice over the student alone, 95% interval [{2 - half:+.2f}, {2 + half:+.2f}] " \
+           "over 4 test images: above 0 (conditional on these two trained models and this split)" in out
+    assert "the teacher's lead over the student alone: +10.00 [+10.00, +10.00]; distillation recovered 20% of it" in out
+    assert "the student has 10.0x fewer parameters than the teacher" in out
+    noisy = dict(dice=0.65, per_image_dice=[0.3, 0.9, 0.5, 0.9])  # leads by -20, +30, -20, +10: not clear
+    train_student.report(noisy, 5, [("student alone", student(alone)), ("distilled", student(alone[::-1]))])
+    out = capsys.readouterr().out
+    assert "over 4 test images: too close to call" in out and "not clearly above 0, so no share of it is given" in out
+    assert "recovered" not in out and "the student has 2.0x the teacher's parameters" in out
 
 
 def test_class_teacher_trains_on_its_class_of_the_whole_split(tiny_teacher, tmp_path):
@@ -1083,14 +1199,14 @@ def test_class_teacher_trains_on_its_class_of_the_whole_split(tiny_teacher, tmp_
 def test_amp_auto_takes_bf16_only_where_native(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))  # V100, T4
-    assert kd.amp_dtype(cuda) == torch.float16
+    assert runs.amp_dtype(cuda) == torch.float16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100, H100
-    assert kd.amp_dtype(cuda) == torch.bfloat16
-    monkeypatch.setattr(kd, "cpu_has_native_bf16", lambda: False)
-    assert kd.amp_dtype(cpu) is None and kd.amp_dtype(cpu, "bf16") == torch.bfloat16 and kd.amp_dtype(cuda, "off") is None
-    monkeypatch.setattr(kd, "cpu_has_native_bf16", lambda: True)
-    assert kd.amp_dtype(cpu) == torch.bfloat16
-    assert kd.amp_dtype(torch.device("mps")) is None
+    assert runs.amp_dtype(cuda) == torch.bfloat16
+    monkeypatch.setattr(runs, "cpu_has_native_bf16", lambda: False)
+    assert runs.amp_dtype(cpu) is None and runs.amp_dtype(cpu, "bf16") == torch.bfloat16 and runs.amp_dtype(cuda, "off") is None
+    monkeypatch.setattr(runs, "cpu_has_native_bf16", lambda: True)
+    assert runs.amp_dtype(cpu) == torch.bfloat16
+    assert runs.amp_dtype(torch.device("mps")) is None
 
 
 def test_cpu_bf16_check_reads_the_flags(monkeypatch, tmp_path):
@@ -1099,26 +1215,107 @@ def test_cpu_bf16_check_reads_the_flags(monkeypatch, tmp_path):
     for flags, native in (("fpu avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
         (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : {flags}\n")
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(tmp_path / "cpuinfo" if p == "/proc/cpuinfo" else p, *a, **k))
-        assert kd.cpu_has_native_bf16() is native, flags
+        assert runs.cpu_has_native_bf16() is native, flags
 
 
 def test_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "r.json")
-    kd.write_json(path, {"a": 1})
-    with pytest.raises(RuntimeError):
-        kd.atomic_write(path, lambda f: (f.write(b"half"), (_ for _ in ()).throw(RuntimeError("disk full"))))
+    runs.write_json(path, {"a": 1})
+    with pytest.raises(UserError, match=r"r.json: writing it failed with \d+ MiB free .*\(disk full\)"):
+        runs.atomic_write(path, lambda f: (f.write(b"half"), (_ for _ in ()).throw(RuntimeError("disk full"))))
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["r.json"]
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C mid-write: no half file either
+        runs.atomic_write(path, lambda f: (f.write(b"half"), (_ for _ in ()).throw(KeyboardInterrupt)))
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["r.json"]
     names = []
-    real = kd.tempfile.mkstemp
-    kd.tempfile.mkstemp = lambda **k: names.append(real(**k)) or names[-1]
+    real = runs.tempfile.mkstemp
+    runs.tempfile.mkstemp = lambda **k: names.append(real(**k)) or names[-1]
     try:
-        kd.write_json(path, {"a": 2})
-        kd.save_checkpoint(str(tmp_path / "c.pt"), {"b": 3})
-        kd.write_json(path, {"a": 3})
+        runs.write_json(path, {"a": 2})
+        runs.save_checkpoint(str(tmp_path / "c.pt"), {"b": 3})
+        runs.write_json(path, {"a": 3})
     finally:
-        kd.tempfile.mkstemp = real
+        runs.tempfile.mkstemp = real
     assert len({n for _, n in names}) == 3 and all(os.path.dirname(n) == str(tmp_path) for _, n in names)
     assert json.load(open(path)) == {"a": 3} and sorted(os.listdir(tmp_path)) == ["c.pt", "r.json"]
+
+
+def test_full_disk_is_one_line_and_keeps_every_finished_file(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "t.pt")
+    train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--out", out])  # an older, finished run
+    before = runs.file_hash(out)
+    real = torch.save
+
+    def disk_full_at_epoch_2(obj, f, *a, **k):  # as torch.save fails when the disk fills up
+        if isinstance(obj, dict) and obj.get("kind") == "state" and obj["run"]["epoch"] == 2:
+            f.write(b"part of a state")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        runs.exit_on_error(lambda: train_teacher.main(TINY + ["--width", "2", "--epochs", "3", "--out", out]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {runs.state_path(out)}: writing it failed with "), err
+    assert "MiB free" in err[0] and "--resume" in err[0]
+    assert runs.file_hash(out) == before  # the finished checkpoint, untouched
+    assert torch.load(runs.state_path(out), weights_only=True)["run"]["epoch"] == 1  # the last good state
+    assert sorted(os.listdir(tmp_path)) == ["t.pt", "t.run.pt"]  # no temporary file left
+
+
+PROJECT_MODULES = {"data", "losses", "models", "kd"}
+
+
+def copied_out(*objects):
+    """The source of `objects` and of every name they use, as one file: what a reader pastes into
+    coursework. Project functions, classes and constants are copied (what they use first); other
+    modules and names become import lines."""
+    imports, parts, done = [], [], set()
+
+    def visit(obj, module):
+        key = (module.__name__, obj.__name__)
+        if key in done:
+            return
+        done.add(key)
+        src = textwrap.dedent(inspect.getsource(obj))
+        for name in sorted({n.id for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Name)}):
+            used = module.__dict__.get(name)
+            if used is None or name == obj.__name__:
+                continue
+            if inspect.ismodule(used):
+                imports.append(f"import {used.__name__}" + (f" as {name}" if name != used.__name__ else ""))
+            elif getattr(used, "__module__", None) in PROJECT_MODULES and (inspect.isfunction(used) or inspect.isclass(used)):
+                visit(used, sys.modules[used.__module__])
+            elif getattr(used, "__module__", None) not in (None, module.__name__) and hasattr(used, "__name__"):
+                imports.append(f"from {used.__module__} import {used.__name__} as {name}")
+            else:  # a constant of the module: its assignment
+                tree = ast.parse(inspect.getsource(module))
+                parts.append(next(ast.get_source_segment(inspect.getsource(module), n) for n in tree.body
+                                  if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == name for t in n.targets)))
+        parts.append(src)
+
+    for obj in objects:
+        visit(obj, sys.modules[obj.__module__])
+    return "\n".join(sorted(set(imports))) + "\n\n\n" + "\n\n".join(dict.fromkeys(parts))
+
+
+def test_kld_unet_and_fit_run_when_copied_out(tmp_path):
+    code = copied_out(losses.kld, models.UNet, kd.fit) + textwrap.dedent('''
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 255, (12, 1, 32, 32), dtype=torch.uint8, generator=g)
+        masks = (torch.rand(12, 1, 32, 32, generator=g) > 0.7).to(torch.uint8)
+        student, teacher = UNet(2), UNet(4).eval()
+        step = lambda x, y, idx: dict(loss=kld(student(x).float(), teacher(x).float().detach(), dim=1, T=2.0))
+        run = fit(student, images, masks, dict(train=list(range(8)), val=[8, 9], test=[10, 11]), step,
+                  device=torch.device("cpu"), epochs=1, batch_size=4, lr=1e-3, schedule="cosine", warmup=1)
+        print("trained", run["epoch"], run["best_epoch"])
+    ''')
+    (tmp_path / "coursework.py").write_text(code)
+    assert "import kd" not in code and "import runs" not in code and "from kd" not in code
+    p = subprocess.run([sys.executable, "coursework.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "trained 1 1" in p.stdout
 
 
 # ----------------------------------------------------------------------------- T2KD and DCKD in the student
@@ -1170,20 +1367,20 @@ def test_mirrored_teacher_averages_outputs_and_features_with_its_mirror_view():
 
 def test_dckd_projector_learns_and_is_not_saved(tiny_teacher, tmp_path, monkeypatch):
     made, initial = [], []
-    real = train_student.Projector
+    real = kd.Projector
 
     def recorded(*a):
         made.append(real(*a))
         initial.append({k: v.clone() for k, v in made[-1].state_dict().items()})
         return made[-1]
 
-    monkeypatch.setattr(train_student, "Projector", recorded)
+    monkeypatch.setattr(kd, "Projector", recorded)
     train_student.main(["--teacher", tiny_teacher[0], "--pathway", "dckd", "--dckd_level", "dec3", "--width", "2",
                         "--no-alone", "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")])
     after = made[0].state_dict()
     for name in ("0.weight", "3.weight"):  # both convolutions: Adam moved them, so gradients reached them
         assert not torch.equal(after[name], initial[0][name]), name
-    saved = kd.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
+    saved = runs.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
     assert sorted(saved) == sorted(UNet(2).state_dict())
 
 
@@ -1195,12 +1392,23 @@ def class_teachers(tmp_path_factory):
     return folder
 
 
+def test_class_teachers_refuse_a_class_without_teacher_before_training(tmp_path, monkeypatch):
+    three = TINY + ["--classes", "benign,malignant,normal", "--width", "2"]
+    for c in ("benign", "malignant"):
+        train_teacher.main(three + ["--only_class", c, "--out", str(tmp_path / f"{c}.pt")])
+    monkeypatch.setattr(kd, "fit", lambda *a, **k: pytest.fail("training started"))
+    words = ["--class_teachers", f"benign={tmp_path / 'benign.pt'},malignant={tmp_path / 'malignant.pt'}",
+             "--pathway", "joint", "--out", str(tmp_path / "s.pt")]
+    with pytest.raises(UserError, match="--class_teachers: the data holds 8 normal images and no teacher of class normal"):
+        train_student.main(words)
+
+
 def test_t2kd_student_runs_and_refuses_wrong_class_teachers(class_teachers, tiny_teacher, tmp_path):
     pair = f"benign={class_teachers / 'benign.pt'},malignant={class_teachers / 'malignant.pt'}"
     s = train_student.main(["--class_teachers", pair, "--pathway", "joint", "--sup", "wb", "--width", "2",
                             "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / "s.pt")])
     assert s["teacher_parameters"] == 2 * count_parameters(UNet(4)) and len(s["teacher_test"]["per_image_dice"]) == 12
-    alone = kd.load_checkpoint(str(tmp_path / "student_alone.pt"), "student")
+    alone = runs.load_checkpoint(str(tmp_path / "student_alone.pt"), "student")
     assert alone["args"]["sup"] == "wb"  # the student alone has the same L_sup: the gain is distillation's
     swapped = f"benign={class_teachers / 'malignant.pt'},malignant={class_teachers / 'benign.pt'}"
     for words, message in ((["--class_teachers", swapped], "trained on malignant images only"),
@@ -1261,7 +1469,7 @@ def test_committed_busi_split_is_the_one_made_here():
     d = data.load_busi(BUSI_DIR, size=32)
     made = data.make_splits(d.labels, d.hashes, 3, 0, 0.15)
     path = os.path.join(HERE, "results", "busi_split_seed0.json")
-    assert kd.load_splits(path, d, 3) == made
+    assert runs.load_splits(path, d, 3) == made
     assert json.load(open(path))["images"] == 647
 
 
@@ -1272,7 +1480,7 @@ def test_busi_near_copies_never_straddle_the_committed_split():
     d = data.load_busi(BUSI_DIR, size=32)
     path = os.path.join(HERE, "results", "busi_split_neardup_seed0.json")
     groups = data.near_duplicate_groups(d.thumbnails, d.hashes, 0.95)
-    splits = kd.load_splits(path, d, 3)
+    splits = runs.load_splits(path, d, 3)
     assert splits == data.make_splits(d.labels, groups, 3, 0, 0.15)
     r = np.corrcoef(d.thumbnails.flatten(1).double().numpy())
     close = [(i, j) for i, j in zip(*np.nonzero(r > 0.95)) if i < j]
@@ -1280,6 +1488,18 @@ def test_busi_near_copies_never_straddle_the_committed_split():
     for s in splits:
         part = {i: p for p in ("train", "val", "test") for i in s[p]}
         assert all(part[i] == part[j] for i, j in close)
+
+
+@needs_busi
+def test_committed_benchmark_split_is_the_one_made_from_its_lists():
+    """results/busi_benchmark_split_seed0.json: the public benchmark's three splits as --split reads them."""
+    lists = os.path.join(os.path.dirname(os.path.abspath(BUSI_DIR)), "busi_benchmark_splits")
+    if not os.path.isdir(lists):
+        pytest.skip("the benchmark's name lists are not beside BUSI_DIR")
+    d = data.load_busi(BUSI_DIR, size=32)
+    committed = runs.load_splits(os.path.join(HERE, "results", "busi_benchmark_split_seed0.json"), d, 3)
+    assert committed == runs.load_splits(lists, d, 3, 0.15, 0)
+    assert [len(s["test"]) for s in committed] == [195] * 3
 
 
 # ----------------------------------------------------------------------------- bench.py and predict.py
@@ -1325,11 +1545,12 @@ def image_files(tmp_path):
 
 # ----------------------------------------------------------------------------- bench.py
 
-def test_bench_results_positive_and_finite(capsys):
-    results = bench.main(["--device", "cpu", "--size", "32", "--teacher_width", "4", "--student_width", "2",
+@on_devices
+def test_bench_results_positive_and_finite(capsys, device):
+    results = bench.main(["--device", device, "--size", "32", "--teacher_width", "4", "--student_width", "2",
                           "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile", "--methods"])
     out = capsys.readouterr().out
-    assert "profile of 20 fast single-frame calls on cpu" in out and "aten::" in out  # the profiler's table
+    assert f"profile of 20 fast single-frame calls on {device}" in out and "aten::" in out  # the profiler's table
     lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
     parsed = {}
     for line in lines:
@@ -1338,13 +1559,14 @@ def test_bench_results_positive_and_finite(capsys):
         parsed[m.group(1), m.group(2), m.group(3)] = float(m.group(4))
     for who in ("teacher", "student"):
         for metric in ("train_img_s", "train_tflops", "data_pct", "infer_ms_fp32", "infer_ms_fast", "fwd_gflop"):
-            assert (who, "cpu", metric) in parsed, f"no {metric} for the {who}"
-    assert ("student", "cpu", "infer_speedup_vs_teacher") in parsed
+            assert (who, device, metric) in parsed, f"no {metric} for the {who}"
+    assert ("student", device, "infer_speedup_vs_teacher") in parsed
     for method in bench.METHODS:  # every method's distillation step, train_student.py's own
-        assert ("student", "cpu", f"step_ms_{method}") in parsed
-    assert all(math.isfinite(v) and v > 0 for v in parsed.values()), parsed
-    assert ("teacher", "cpu", "train_peak_pct") not in parsed  # CPU peak unknown without --peak_tflops
-    assert results["cpu"]["teacher"]["train_img_s"] == pytest.approx(parsed["teacher", "cpu", "train_img_s"], rel=1e-4)
+        assert ("student", device, f"step_ms_{method}") in parsed
+    assert all(v > 0 for v in parsed.values()), parsed  # n/a (no value) is printed as such, not as a number
+    if device == "cpu":
+        assert ("teacher", "cpu", "train_peak_pct") not in parsed  # CPU peak unknown without --peak_tflops
+    assert results[device]["teacher"]["train_img_s"] == pytest.approx(parsed["teacher", device, "train_img_s"], rel=1e-4)
 
 
 def test_bench_bad_option_is_a_user_error():
@@ -1410,7 +1632,7 @@ def test_fast_bf16_matches_fp32():
 
 def test_fast_bf16_masks_match_fp32_trained(teacher_ckpt):
     """A trained model: the bf16 fast form's masks are the fp32 model's (Dice of one against the other)."""
-    model = kd.build_model(kd.load_checkpoint(str(teacher_ckpt), "teacher"))
+    model = runs.build_model(runs.load_checkpoint(str(teacher_ckpt), "teacher"))
     x = data.normalize(data.make_phantom(16, 32, seed=5).images.float() / 255)
     with torch.no_grad():
         ref = model(x).softmax(1)[:, 1:] >= 0.5
@@ -1433,15 +1655,16 @@ def test_preprocessing_matches_training(tmp_path, image_files):
     Image.new("L", im.size).save(tmp_path / "scans" / "masks" / "a.png")
     ds = data.load_folder(str(tmp_path / "scans"), size=32)
     x_train, _ = kd.batch(ds.images, ds.masks, torch.tensor([0]))
-    x_pred = predict.preprocess(data._open(image_files[0], "L"), 32, torch.device("cpu"))
+    x_pred = predict.preprocess(data.open_image(image_files[0], "L"), 32, torch.device("cpu"))
     assert x_pred.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x_pred, x_train)
 
 
-def test_predict_writes_masks_and_overlays(tmp_path, teacher_ckpt, image_files, capsys):
+@on_devices
+def test_predict_writes_masks_and_overlays(tmp_path, teacher_ckpt, image_files, capsys, device):
     out = tmp_path / "pred"
     written = predict.main(["--checkpoint", str(teacher_ckpt), str(image_files[0]), str(image_files[1].parent),
-                            "--out", str(out), "--threshold", "0.3"])
+                            "--out", str(out), "--threshold", "0.3", "--device", device])
     assert len(written) == 3  # the file named, then the folder's three images: scan0 once
     for f in image_files:
         mask = Image.open(out / f"{f.stem}_mask.png")
@@ -1519,7 +1742,7 @@ def row_widths(mask):
 def test_predict_thresholds_the_upsampled_probability(tmp_path, teacher_ckpt, monkeypatch, capsys):
     """The mask at the image's size (5x wider, 4x taller than the model's 32) is the bilinear upsampled
     probability thresholded, not the model-size mask enlarged with nearest-neighbour (staircase)."""
-    size = kd.load_checkpoint(str(teacher_ckpt), "teacher")["args"]["size"]
+    size = runs.load_checkpoint(str(teacher_ckpt), "teacher")["args"]["size"]
     assert size == 32  # the fixture's: 160 = 5 x 32, 128 = 4 x 32
     disc = disc_probability(size)
     mask = np.asarray(Image.open(predict_hand_made(tmp_path, teacher_ckpt, monkeypatch, disc) / "a_mask.png"))
@@ -1582,17 +1805,18 @@ torch.save({"probability": probability, "meta": json.loads(meta["meta.json"])}, 
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # newer torch: TorchScript still loads
-def test_predict_export_loads_in_plain_torch(tmp_path, teacher_ckpt, image_files, capsys):
+@on_devices
+def test_predict_export_loads_in_plain_torch(tmp_path, teacher_ckpt, image_files, capsys, device):
     """--export: a TorchScript file that torch alone, in a fresh process without this project, loads and
     runs; its lesion probability is the checkpoint's eager model's within 1e-4, on images preprocessed
     as its meta.json states."""
     path = tmp_path / "model.ts"
-    assert predict.main(["--checkpoint", str(teacher_ckpt), "--export", str(path), "--device", "cpu",
+    assert predict.main(["--checkpoint", str(teacher_ckpt), "--export", str(path), "--device", device,
                          "--threshold", "0.4"]) == []  # no images: built-in phantom samples
     out = capsys.readouterr().out
     diff = float(re.search(r"checked on 4 built-in phantom images: largest difference .* model (\S+)", out).group(1))
-    assert diff < 1e-4 and "ms per frame on cpu" in out and "exported" in out
-    ckpt = kd.load_checkpoint(str(teacher_ckpt), "teacher")
+    assert diff < 1e-4 and f"ms per frame on {device}" in out and "exported" in out
+    ckpt = runs.load_checkpoint(str(teacher_ckpt), "teacher")
     size = ckpt["args"]["size"]
     grey = [Image.open(f).convert("L") for f in image_files]
     torch.save(torch.stack([torch.from_numpy(np.asarray(g.resize((size, size), Image.BILINEAR)).copy())[None]
@@ -1609,7 +1833,7 @@ def test_predict_export_loads_in_plain_torch(tmp_path, teacher_ckpt, image_files
     assert any("1e-6" in step and "std" in step for step in meta["preprocessing"])
     x = torch.cat([predict.preprocess(g, size, torch.device("cpu")) for g in grey])
     with torch.no_grad():
-        ref = kd.build_model(ckpt)(x).softmax(dim=1)[:, 1:]
+        ref = runs.build_model(ckpt)(x).softmax(dim=1)[:, 1:]
     assert got.shape == ref.shape == (3, 1, size, size)
     assert (got - ref).abs().max().item() < 1e-4
     assert ((ref - 0.4).abs() > 1e-3).float().mean() > 0.99 and ref.max() > 0.4  # a real, thresholdable output
@@ -1618,7 +1842,7 @@ def test_predict_export_loads_in_plain_torch(tmp_path, teacher_ckpt, image_files
     assert "Conv2d" in kinds and "BatchNorm2d" not in kinds  # folded
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     predict.main(["--checkpoint", str(teacher_ckpt), str(image_files[0]), "--out", str(tmp_path / "p"),
-                  "--export", str(path), "--device", "cpu"])
+                  "--export", str(path), "--device", device])
     assert "checked on 1 of the images given" in capsys.readouterr().out
 
 
@@ -1666,21 +1890,27 @@ def test_permutation_test_edges_and_monte_carlo():
 
 def test_t_quantile_and_paired_interval():
     for df, t in ((1, 12.706), (2, 4.303), (8, 2.306), (30, 2.042)):  # a printed t table, 0.975 column
-        assert study.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+        assert kd.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
     d = [1.0, 2.0, 3.0, 6.0]  # mean 3, sd sqrt(14/3), t(0.975, 3) = 3.182
-    mean, low, high = study.paired_interval(d)
+    mean, low, high = kd.paired_interval(d)
     half = 3.1824 * math.sqrt(14 / 3) / 2
     assert mean == 3.0 and low == pytest.approx(3 - half, abs=1e-3) and high == pytest.approx(3 + half, abs=1e-3)
-    assert study.paired_interval([0.5]) == (0.5, None, None)
+    assert kd.paired_interval([0.5]) == (0.5, None, None)
     assert study.verdict((1, 0.1, 2)) == "above 0" and study.verdict((-1, -2, -0.1)) == "below 0"
     assert study.verdict((0.5, -0.1, 1.1)) == "too close to call"
+
+
+def test_p_values_at_the_monte_carlo_floor_are_printed_as_a_bound():
+    assert study._p(1 / 10001, 10000) == "< 1e-04" and study._p(2 / 10001, 10000) == "2.0e-04"
+    assert study._p(0.25, 10000) == "0.2500" and study._p(None, 10000) == "—"
 
 
 def test_summary_pairs_runs_by_fold_and_seed():
     def rec(row, fold, seed, dice):
         names = [f"f{fold}/img{i}" for i in range(len(dice))]
         return dict(row=row, fold=fold, seed=seed, dice=float(np.mean(dice)), val_dice=0.5, iou=0.5,
-                    per_image_dice=dice, names=names, parameters=10, train_seconds=2.0, precision="fp32")
+                    per_image_dice=dice, names=names, parameters=10, train_seconds=2.0, precision="fp32",
+                    epoch=10 if row == "Teacher" and seed == 1 else 5, argv=["--epochs", "10"])
     rng = np.random.default_rng(0)
     keys = [(f, s) for f in (0, 1) for s in (0, 1)]
     base = {k: list(rng.random(12)) for k in keys}
@@ -1695,12 +1925,27 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert s["runs"] == 4 and s["folds"] == [0, 1] and s["seeds"] == [0, 1]
     mean, low, high = s["gain"]
     assert mean == pytest.approx(0.25)
-    half = study.t_quantile(0.975, 3) * np.std(list(shift.values()), ddof=1) / 2
+    half = kd.t_quantile(0.975, 3) * np.std(list(shift.values()), ddof=1) / 2
     assert low == pytest.approx(0.25 - half) and high == pytest.approx(0.25 + half)
-    assert s["teacher_lead"] == pytest.approx(0.5) and s["share_of_lead"] == pytest.approx(0.5)
-    assert s["pairs_vs_student"] == 48 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
+    assert s["gain_by_fold"] == pytest.approx({0: 0.15, 1: 0.35}) and s["gain_by_seed"] == pytest.approx({0: 0.2, 1: 0.3})
+    share, lo, hi = s["share_of_lead"]  # gains 0.1-0.4 of a lead of 0.5 in every pair
+    assert s["teacher_lead"] == pytest.approx(0.5) and share == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
+    # images matched by fold and name, each averaged over the two seeds: 24 images, not 48 image-seed pairs
+    assert s["pairs_vs_student"] == 24 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
+    mine, theirs = study.per_image_means(records, "L_KLD", "Student")
+    assert mine[0] == pytest.approx(np.mean([base[0, 0][0] + 0.1, base[0, 1][0] + 0.2]))
+    assert theirs[0] == pytest.approx(np.mean([base[0, 0][0], base[0, 1][0]]))
+    assert summary["Teacher"]["late_best"] == 2 and s["late_best"] == 0  # kept epoch 10 of 10: still improving
     assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
-    assert "| L_KLD | 4 |" in study.format_table(summary, study.kd.parse_args(study.OPTIONS, "", [])[0])
+    table = study.format_table(summary, study.options().parse_args(["--n_perm", "999"]))
+    assert "| L_KLD | 4 |" in table and "| +15.00 / +35.00; +20.00 / +30.00 |" in table and "| < 1e-03 |" in table
+    # a row distilled on fold 0 only: its share is of its teacher's lead on fold 0, not on every fold
+    for k in keys:
+        records[("Teacher_WAug",) + k] = rec("Teacher_WAug", *k, [x + (0.2 if k[0] == 0 else 0.6) for x in base[k]])
+        if k[0] == 0:
+            records[("L_KLD_WAug_Ens3",) + k] = rec("L_KLD_WAug_Ens3", *k, [x + 0.1 for x in base[k]])
+    ens = study.summarise(records, ["Teacher_WAug", "Student", "L_KLD_WAug_Ens3"], 99, 0)["L_KLD_WAug_Ens3"]
+    assert ens["teacher_lead"] == pytest.approx(0.2) and ens["share_of_lead"][0] == pytest.approx(0.5)
     # a class teacher, tested on half the images: its gain is over the student alone on that half
     for k in keys:
         records[("Teacher_benign",) + k] = dict(rec("Teacher_benign", *k, [0.9] * 6), names=records[("Student",) + k]["names"][:6])
@@ -1729,7 +1974,7 @@ def test_study_end_to_end_resumes_and_draws(tmp_path):
     assert run["argv"][run["argv"].index("--teacher") + 1].endswith("Teacher_WAug.pt")
     assert len(run["per_image_dice"]) == len(run["names"]) == 12 and run["precision"] == "fp32"
     teacher = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher_WAug.json")))
-    assert run["teacher_sha1"] == teacher["sha1"] == kd.file_hash(os.path.join(out, "fold0", "seed0", "Teacher_WAug.pt"))
+    assert run["teacher_sha1"] == teacher["sha1"] == runs.file_hash(os.path.join(out, "fold0", "seed0", "Teacher_WAug.pt"))
 
     # resumed: nothing re-runs, no JSON is rewritten, the table is the same
     jsons = glob.glob(os.path.join(out, "fold*", "seed*", "*.json"))
@@ -1787,14 +2032,14 @@ def test_study_seeds_are_paired_runs(tmp_path):
     # two teachers that disagree, one calling half the test pixels lesion, the other a tenth (a
     # one-epoch teacher calls none): their ensemble differs from both
     paths = [os.path.join(out, "fold0", f"seed{s}", "Teacher.pt") for s in (0, 1)]
-    d, _ = kd.load_split_data(kd.parse_args(train_teacher.OPTIONS, "", STUDY_TINY[:6] + ["--folds", "2"])[0])
+    d, _ = runs.load_split_data(train_teacher.options().parse_args(STUDY_TINY[:6] + ["--folds", "2"]))
     test = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher.json")))["names"]
     x, y = kd.batch(d.images, d.masks, torch.as_tensor([d.names.index(n) for n in test]))
     logits, mirrored = [], []
     for path, share in zip(paths, (0.5, 0.1)):
         ckpt = torch.load(path, weights_only=True)
         with torch.no_grad():
-            model = kd.build_model(ckpt).eval()
+            model = runs.build_model(ckpt).eval()
             z = model(x)
             margin = z[:, 1] - z[:, 0]  # lesion where >= 0
             shift = torch.stack([torch.zeros(()), -margin.flatten().quantile(1 - share)]).view(1, 2, 1, 1)

@@ -33,80 +33,123 @@ as one, the mean of their logits (models.Ensemble); each must have the same spli
 Files: as train_teacher.py, the run's state goes to OUT's .run.pt after every epoch (--resume goes
 on from it), and OUT itself is written only when the run ends.
 """
+import argparse
 import copy
 import os
 
-import torch
-
 from data import UserError
 import kd
-from losses import dckd_loss, distillation_loss, supervised_loss, total_loss
-from models import ClassTeachers, Ensemble, Mirrored, Projector, Regressor, UNet, count_parameters, fast_model
+import runs
+from models import ClassTeachers, Ensemble, UNet, count_parameters, fast_model
 
-OPTIONS = [  # (name, default, help[, choices]): every default in one place
-    ("teacher", "out/teacher.pt", "teacher checkpoint written by train_teacher.py; several, comma-separated, "
-     "are an ensemble: the mean of their logits (logits pathway only)"),
-    ("class_teachers", str, "T2KD: two class teachers (train_teacher.py --only_class) as CLASS=PATH, comma-separated, "
-     "e.g. benign=out/t_benign.pt,malignant=out/t_malignant.pt; replaces --teacher"),
-    ("route", "label", "class teachers: label sends each image to its class's teacher; mean averages both (ablation)",
-     ["label", "mean"]),
-    ("pathway", "logits", "what is distilled: logits (L), hidden (H), hidden_regressor (HR), joint (L + HR), "
-     "dckd (decoupled contrastive), none (student alone)", ["logits", "hidden", "hidden_regressor", "joint", "dckd", "none"]),
-    ("loss", "kld", "L_distill: mse (Eq. II) or kld (Eq. III)", ["mse", "kld"]),
-    ("alpha", 0.5, "weight of L_distill in Eq. I; L_sup gets 1 - alpha (the paper: 0.5)"),
-    ("T", 1.0, "KLD temperature T; the KL is scaled by T^2 (the paper gives none: 1)"),
-    ("sup", "ce", "L_sup: ce, pixel-wise cross-entropy (Eq. IV); wb, the weight balance loss (T2KD-style)", ["ce", "wb"]),
-    ("dckd_level", "bottleneck", "DCKD: the feature level compared", ["enc4", "bottleneck", "dec4", "dec3"]),
-    ("lambda_con", 1.0, "DCKD: weight of the contrastive loss L_con"),
-    ("lambda_rank", 0.5, "DCKD: weight of the ranking loss L_rank"),
-    ("tau", 0.1, "DCKD: temperature of L_con (CIRKD's 0.1)"),
-    ("anchors", 128, "DCKD: student anchors drawn per class (lesion, background) per batch"),
-    ("negatives", 256, "DCKD: teacher features of the other class drawn per class per batch"),
-    ("hard", 8, "DCKD: the hardest negatives (closest to the anchor) that L_rank looks at"),
-    ("delta", 0.2, "DCKD: margin of L_rank in cosine distance"),
-    ("teacher_flip", False, "distil the mean of the teacher's outputs on the image and its mirror image "
-     "(a two-view ensemble: a stronger, smoother signal for the same teacher)"),
-    ("fast_teacher", False, "run the frozen teacher in its fast form (models.fast_model: BatchNorm folded, weights "
-     "in the autocast dtype): its outputs up to bf16 rounding, a cheaper distillation step"),
-    ("width", 10, "student U-Net width w, levels w..16w: 10 = 0.76M params (the paper: 0.82M)"),
-    ("aug", "strong", "student's augmentation (the teacher sees the same augmented batch)",
-     ["none", "weak", "strong"]),
-    ("epochs", 100, "most epochs (the paper: 500)"),
-    ("patience", 20, "early stopping: epochs without a better validation loss (the paper: 50)"),
-    ("batch_size", 16, "images per step (the paper: 64)"),
-    ("lr", 1e-4, "Adam learning rate (the paper: 1e-4)"),
-    ("schedule", "constant", "learning rate over the run: constant (the paper), or cosine: a linear warm-up "
-     "of --warmup epochs, then a cosine decay to 0 at --epochs", ["constant", "cosine"]),
-    ("warmup", 3, "epochs of linear warm-up of the cosine schedule"),
-    ("select", "loss", "which epoch's weights are kept: lowest validation loss (the paper), or highest validation "
-     "Dice", ["loss", "dice"]),
-    ("dice_weight", 0.0, "weight of an added soft-Dice term in L_sup (the paper: 0)"),
-    ("seed", 0, "seed of weights, batch order and augmentation"),
-    ("device", "auto", "auto (cuda, then mps, then cpu), or a torch device"),
-    ("amp", "auto", "mixed precision: auto, bf16, fp16 or off (fp32)", ["auto", "bf16", "fp16", "off"]),
-    ("compile", False, "torch.compile the training forward passes (faster on GPUs after a warm-up)"),
-    ("alone", True, "also train (or reuse) the student alone on the same split, for the gain table"),
-    ("resume", False, "go on with the unfinished run saved at OUT's .run.pt (same options, data and split)"),
-    ("out", str, "where the checkpoint goes (default: out/student_PATHWAY_LOSS.pt, out/student_alone.pt)"),
-    # The data and split are the teacher's. Give --data if its folder moved; the rest only to check.
-    ("data", str, "the teacher's data folder, if it is elsewhere on this machine (default: the teacher's)"),
-    ("classes", str, "must match the teacher's"),
-    ("size", int, "must match the teacher's"),
-    ("folds", int, "must match the teacher's"),
-    ("fold", int, "must match the teacher's: train a teacher per fold"),
-    ("val_fraction", float, "must match the teacher's"),
-    ("data_seed", int, "must match the teacher's"),
-    ("phantom_count", int, "must match the teacher's"),
-    ("near_dup", float, "must match the teacher's"),
-    ("split", str, "must match the teacher's"),
-]
-SPLIT_OPTIONS = ["classes", "size", "folds", "fold", "val_fraction", "data_seed", "phantom_count", "near_dup", "split"]
+DEFAULTS = dict(  # every default in one place
+    teacher="out/teacher.pt",
+    route="label",
+    pathway="logits",
+    loss="kld",
+    alpha=0.5,
+    T=1.0,
+    sup="ce",
+    dckd_level="bottleneck",
+    lambda_con=1.0,
+    lambda_rank=0.5,
+    tau=0.1,
+    anchors=128,
+    negatives=256,
+    hard=8,
+    delta=0.2,
+    teacher_flip=False,
+    fast_teacher=False,
+    width=10,
+    aug="strong",
+    epochs=100,
+    patience=20,
+    batch_size=16,
+    lr=0.0001,
+    schedule="constant",
+    warmup=3,
+    select="loss",
+    dice_weight=0.0,
+    seed=0,
+    device="auto",
+    amp="auto",
+    compile=False,
+    alone=True,
+    resume=False,
+)
+SPLIT_OPTIONS = dict(classes=str, size=int, folds=int, fold=int, val_fraction=float, data_seed=int, phantom_count=int,
+                     near_dup=float, split=str)  # a student's data and split are its teacher's
 DISTIL_OPTIONS = {"loss", "alpha", "T", "teacher_flip", "fast_teacher", "route", "dckd_level", "lambda_con", "lambda_rank", "tau",
                   "anchors", "negatives", "hard", "delta"}  # meaningless for the student alone
 BEFORE = {"near_dup": 0.0}  # the split options' values for teachers trained before the option existed
-PATHS = {"logits": ["logits"], "hidden": ["hidden"], "hidden_regressor": ["hidden_regressor"],
-         "joint": ["logits", "hidden_regressor"]}  # the paper's pathways each pathway option sums
 PHANTOM_DEMO = dict(epochs=16, batch_size=8, lr=1e-3)  # on the phantom: as train_teacher.py's
+
+
+def options():
+    """The command line, in plain argparse; the defaults are DEFAULTS."""
+    p = runs.parser(__doc__, DEFAULTS)
+    add = p.add_argument
+    add("--teacher", help="teacher checkpoint written by train_teacher.py; several, comma-separated, are an "
+        "ensemble: the mean of their logits (logits pathway only)")
+    add("--class_teachers", help="T2KD: two class teachers (train_teacher.py --only_class) as CLASS=PATH, "
+        "comma-separated, e.g. benign=out/t_benign.pt,malignant=out/t_malignant.pt; replaces --teacher")
+    add("--route", choices=["label", "mean"], help="class teachers: label sends each image to its class's teacher; "
+        "mean averages both (ablation)")
+    add("--pathway", choices=["logits", "hidden", "hidden_regressor", "joint", "dckd", "none"],
+        help="what is distilled: logits (L), hidden (H), hidden_regressor (HR), joint (L + HR), dckd (decoupled "
+        "contrastive), none (student alone)")
+    add("--loss", choices=["mse", "kld", "cwd"], help="L_distill: mse (Eq. II), kld (Eq. III), or cwd "
+        "(channel-wise: each class map a distribution over pixels; logits only)")
+    add("--alpha", type=float, help="weight of L_distill in Eq. I; L_sup gets 1 - alpha (the paper: 0.5)")
+    add("--T", type=float, help="KLD temperature T; the KL is scaled by T^2 (the paper gives none: 1)")
+    add("--sup", choices=["ce", "wb"], help="L_sup: ce, pixel-wise cross-entropy (Eq. IV); wb, the weight balance "
+        "loss (T2KD-style)")
+    add("--dckd_level", choices=["enc4", "bottleneck", "dec4", "dec3"], help="DCKD: the feature level compared")
+    add("--lambda_con", type=float, help="DCKD: weight of the contrastive loss L_con")
+    add("--lambda_rank", type=float, help="DCKD: weight of the ranking loss L_rank")
+    add("--tau", type=float, help="DCKD: temperature of L_con (CIRKD's 0.1)")
+    add("--anchors", type=int, help="DCKD: student anchors drawn per class (lesion, background) per batch")
+    add("--negatives", type=int, help="DCKD: teacher features of the other class drawn per class per batch")
+    add("--hard", type=int, help="DCKD: the hardest negatives (closest to the anchor) that L_rank looks at")
+    add("--delta", type=float, help="DCKD: margin of L_rank in cosine distance")
+    add("--teacher_flip", action=argparse.BooleanOptionalAction, help="distil the mean of the teacher's outputs on "
+        "the image and its mirror image (a two-view ensemble: a stronger, smoother signal for the same "
+        "teacher)")
+    add("--fast_teacher", action=argparse.BooleanOptionalAction, help="run the frozen teacher in its fast form "
+        "(models.fast_model: BatchNorm folded, weights in the autocast dtype): its outputs up to bf16 "
+        "rounding, a cheaper distillation step")
+    add("--width", type=int, help="student U-Net width w, levels w..16w: 10 = 0.76M params (the paper: 0.82M)")
+    add("--aug", choices=["none", "weak", "strong"], help="student's augmentation (the teacher sees the same "
+        "augmented batch)")
+    add("--epochs", type=int, help="most epochs (the paper: 500)")
+    add("--patience", type=int, help="early stopping: epochs without a better validation loss (the paper: 50)")
+    add("--batch_size", type=int, help="images per step (the paper: 64)")
+    add("--lr", type=float, help="Adam learning rate (the paper: 1e-4)")
+    add("--schedule", choices=["constant", "cosine"], help="learning rate over the run: constant (the paper), or "
+        "cosine: a linear warm-up of --warmup epochs, then a cosine decay to 0 at --epochs")
+    add("--warmup", type=int, help="epochs of linear warm-up of the cosine schedule")
+    add("--select", choices=["loss", "dice"], help="which epoch's weights are kept: lowest validation loss (the "
+        "paper), or highest validation Dice")
+    add("--dice_weight", type=float, help="weight of an added soft-Dice term in L_sup (the paper: 0)")
+    add("--seed", type=int, help="seed of weights, batch order and augmentation")
+    add("--device", help="auto (cuda, then mps, then cpu), or a torch device")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision: auto, bf16, fp16 or off (fp32)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training forward passes (faster "
+        "on GPUs after a warm-up)")
+    add("--alone", action=argparse.BooleanOptionalAction, help="also train (or reuse) the student alone on the same "
+        "split, for the gain table")
+    add("--resume", action=argparse.BooleanOptionalAction, help="go on with the unfinished run saved at OUT's "
+        ".run.pt (same options, data and split)")
+    add("--out", help="where the checkpoint goes (default: out/student_PATHWAY_LOSS.pt, out/student_alone.pt)")
+    add_split_options(p.add_argument_group("the data and split: the teacher's (give them only to check)"))
+    return p
+
+
+def add_split_options(group):
+    add = group.add_argument
+    add("--data", help="the teacher's data folder, if it is elsewhere on this machine (default: the teacher's)")
+    for name, kind in SPLIT_OPTIONS.items():
+        add(f"--{name}", type=kind, help="must match the teacher's" + (": train one per fold" if name == "fold" else ""))
 
 
 # ----------------------------------------------------------------------------- 1. teachers and their split
@@ -123,12 +166,14 @@ def teacher_paths(args):
     return [p[1] for p in pairs], classes
 
 
-def load_teachers(args, given):
+def load_teachers(p, argv, args):
     """Load the teacher checkpoints, take their data and split options, and check that the split
-    made here is theirs. Returns (teacher checkpoints, data, split)."""
+    made here is theirs. Returns (options, teacher checkpoints, data, split)."""
     paths, classes = teacher_paths(args)
     option = "--class_teachers" if classes else "--teacher"
-    ckpts = [kd.load_checkpoint(p, "teacher", option) for p in paths]
+    if args.loss == "cwd" and args.pathway != "logits":
+        raise UserError("--loss cwd: channel-wise distillation compares output maps; use it with --pathway logits")
+    ckpts = [runs.load_checkpoint(p, "teacher", option) for p in paths]
     if len(ckpts) > 1 and not classes and args.pathway not in ("logits", "none"):
         raise UserError(f"--pathway {args.pathway}: an ensemble of teachers has no common bottleneck "
                         "(their channels do not correspond); distil its logits: --pathway logits")
@@ -144,18 +189,17 @@ def load_teachers(args, given):
             raise UserError(f"--class_teachers {classes[i]}={path}: another width than {paths[0]}; "
                             f"class teachers must be of one width (their features are mixed per image)")
     first = ckpts[0]["args"]
+    args.data = args.data or first["data"]
+    args = runs.choose_data(p, argv, args, PHANTOM_DEMO)
     for k in SPLIT_OPTIONS:  # the teacher's split, or a clear refusal
         if getattr(args, k) is not None and getattr(args, k) != first.get(k):
             raise UserError(f"--{k} {getattr(args, k)}: teacher {paths[0]} was trained with --{k} {first.get(k)}; "
                             f"a student must use its teacher's split (train a teacher with --{k} {getattr(args, k)})")
         setattr(args, k, first.get(k, BEFORE.get(k)))
-    args.data = args.data or first["data"]
-    kd.choose_data(args, given, PHANTOM_DEMO)
-    data, splits = kd.load_split_data(args)
+    data, splits = runs.load_split_data(args)
     split = splits[args.fold]
-    named = {k: [data.names[i] for i in v] for k, v in split.items()}
     for path, t in zip(paths, ckpts):
-        if named != t["split"]:
+        if runs.names_per_part(split, data) != t["split"]:
             raise UserError(f"{option} {path}: its stored split differs from the one made here from "
                             f"--data {args.data}; use the data and split the teacher was trained on")
         if data.fingerprint() != t["data_fingerprint"]:
@@ -165,109 +209,50 @@ def load_teachers(args, given):
         if c not in data.labels:
             raise UserError(f"--class_teachers {c}=...: the data holds no {c} images; give teachers of its classes "
                             f"({', '.join(dict.fromkeys(data.labels))})")
-    return ckpts, data, split
+    return args, ckpts, data, split
 
 
-def run_tag(args, data, split, paths):
-    """What identifies a student's run (kd.run_tag): its options and split, and which exact teacher
+def run_tag(args, data, split, paths, device):
+    """What identifies a student's run (runs.run_tag): its options and split, and which exact teacher
     files it learns from. The student alone depends on neither the teachers nor the distillation options."""
     alone = args.pathway == "none"
-    tag = kd.run_tag(args, data, split, teachers=[] if alone else [kd.file_hash(p) for p in paths])
+    tag = runs.run_tag(args, data, split, device, teachers=[] if alone else [runs.file_hash(p) for p in paths])
     tag["options"] = {k: v for k, v in tag["options"].items() if not (alone and k in DISTIL_OPTIONS)}
     return tag
 
 
 # ----------------------------------------------------------------------------- 2. one training run
 
-def extra_modules(args, student, teacher, device):
-    """(regressor, projector): what learns with the student for HR and for DCKD (else None). They
-    are thrown away after training: not counted in, nor saved with, the student."""
-    regressor = projector = None
-    if "hidden_regressor" in PATHS.get(args.pathway, []):
-        regressor = kd.to_device(Regressor(student.feature_channels["bottleneck"],
-                                           teacher.feature_channels["bottleneck"]), device)
-    if args.pathway == "dckd":
-        projector = kd.to_device(Projector(student.feature_channels[args.dckd_level],
-                                           teacher.feature_channels[args.dckd_level]), device)
-    return regressor, projector
-
-
-def make_step(args, student, teacher, classes=None, regressor=None, projector=None, seed=0):
-    """One training step of the student, step(x, y, idx) -> dict of losses ("loss" is minimised):
-    what --pathway, --loss, --sup and the rest of `args` say. `teacher` is frozen; with class
-    teachers, classes[idx] is each image's teacher. The regressor (HR) and the projector (DCKD)
-    learn with the student. step.generators: the random generators it draws from (saved with a
-    run's state, so that a resumed run draws what an uninterrupted one would); `seed` seeds DCKD's."""
-    anchor_generator = torch.Generator().manual_seed(seed)  # DCKD's own: the data stream stays as it is
-    if args.teacher_flip:  # the mean of the teacher's outputs on the image and its mirror image
-        teacher = Mirrored(teacher)
-
-    def teach(x, idx):
-        if classes is None:
-            return teacher(x, return_features=True)
-        return teacher(x, classes[idx], return_features=True)  # each image to its class's teacher
-
-    def step(x, y, idx):
-        s_logits, s_feats = student(x, return_features=True)
-        l_sup = supervised_loss(s_logits.float(), y, args.dice_weight, args.sup)
-        if args.pathway == "none":
-            return dict(loss=l_sup)
-        with torch.no_grad():
-            t_logits, t_feats = teach(x, idx)
-        if args.pathway == "dckd":
-            terms = dckd_loss(projector(s_feats[args.dckd_level]), t_feats[args.dckd_level], y, anchor_generator,
-                              args.anchors, args.negatives, args.tau, args.hard, args.delta)
-            if terms is None:  # no lesion (or no background) position at this level's scale: L_sup alone
-                return dict(loss=l_sup, sup=l_sup, skipped=torch.ones((), device=x.device))
-            l_con, l_rank = terms
-            return dict(loss=l_sup + args.lambda_con * l_con + args.lambda_rank * l_rank, sup=l_sup, con=l_con,
-                        rank=l_rank, skipped=torch.zeros((), device=x.device))
-        l_kd = sum(distillation_loss(p, args.loss, s_logits, s_feats, t_logits, t_feats, regressor, args.T)
-                   for p in PATHS[args.pathway])
-        return dict(loss=total_loss(l_kd, l_sup, args.alpha), sup=l_sup, kd=l_kd)
-
-    step.generators = (anchor_generator,) if args.pathway == "dckd" else ()  # saved and restored by kd.fit
-    return step
-
-
 def train(args, teacher, n_teacher, data, split, device, dtype, tag):
     """Train one student (distilled, or alone with --pathway none) from `teacher` (frozen; its fast
     form with --fast_teacher), which has n_teacher parameters as trained; return its checkpoint."""
     images, masks = data.images.to(device), data.masks.to(device)
-    student = kd.to_device(UNet(args.width), device)
-    regressor, projector = extra_modules(args, student, teacher, device)
+    seed = runs.run_seed(args.seed, args.fold)
+    student = runs.to_device(UNet(args.width), device)
+    regressor, projector = kd.extra_modules(args, student, teacher, device)
     extras = [m for m in (regressor, projector) if m is not None]
-    print(f"student: {kd.fmt_params(count_parameters(student))} parameters (width {args.width}); "
+    print(f"student: {runs.fmt_params(count_parameters(student))} parameters (width {args.width}); "
           f"distilling {args.pathway}" + ("" if args.pathway == "none" else f" with {args.loss}")
-          + f"; device {device}, precision {kd.precision_name(dtype)}")
-    step = make_step(args, kd.maybe_compile(student, args.compile), kd.maybe_compile(teacher, args.compile),
-                     class_indices(teacher, data, device), regressor, projector, kd.run_seed(args.seed, args.fold))
+          + f"; device {device}, precision {runs.precision_name(dtype)}")
+    step = kd.make_step(args, runs.maybe_compile(student, args.compile), runs.maybe_compile(teacher, args.compile),
+                        kd.class_indices(teacher, data, device), regressor, projector, seed)
     run = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
                  epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                 schedule=args.schedule, warmup=args.warmup, select=args.select, aug=args.aug,
-                 seed=kd.run_seed(args.seed, args.fold), dice_weight=args.dice_weight, state_path=kd.state_path(args.out),
-                 resume=kd.resume_state(args, tag), tag=tag, generators=step.generators)
+                 schedule=args.schedule, warmup=args.warmup, select=args.select, aug=args.aug, seed=seed,
+                 dice_weight=args.dice_weight, generators=step.generators, resume=runs.resume_state(args, tag),
+                 save=runs.state_saver(runs.state_path(args.out), tag))
     student.load_state_dict(run["best_state"])
     test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
-    test.update(names=[data.names[i] for i in split["test"]], train_seconds=run["train_seconds"])
-    ckpt = kd.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
-                              teacher=args.teacher, teacher_parameters=n_teacher,
-                              epoch=run["best_epoch"], history=run["history"], val=run["best_val"], test=test,
-                              stopped=run["stopped"],
-                              precision=kd.precision_name(dtype), machine=kd.machine_name(device), tag=tag)
-    kd.finish(args, ckpt, run["stopped"])
+    test.update(names=runs.names_per_part(split, data)["test"], train_seconds=run["train_seconds"])
+    ckpt = runs.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
+                                teacher=args.teacher, teacher_parameters=n_teacher, epoch=run["best_epoch"],
+                                history=run["history"], val=run["best_val"], test=test, stopped=run["stopped"],
+                                precision=runs.precision_name(dtype), machine=runs.machine_name(device), tag=tag)
+    runs.finish(args, ckpt, run["stopped"])
     print(f"student test ({len(split['test'])} images, fold {args.fold}): Dice {100 * test['dice']:.2f} "
-          f"+- {100 * test['dice_std']:.2f}; best epoch {run['best_epoch']}; "
+          f"+- {100 * test['dice_std']:.2f}; best epoch {run['best_epoch']} ({run['stopped']}); "
           f"trained {kd.fmt_time(run['train_seconds'])}; saved {args.out}")
     return ckpt
-
-
-def class_indices(teacher, data, device):
-    """For class teachers: each image's index into their members, on the device (else None)."""
-    if not isinstance(teacher, ClassTeachers):
-        return None
-    return torch.as_tensor([teacher.classes.index(c) if c in teacher.classes else -1 for c in data.labels],
-                           device=device)
 
 
 def evaluate_teacher(teacher, data, split, device, dtype, args):
@@ -290,35 +275,43 @@ def student_alone(args, teacher, data, split, device, dtype, paths):
     alone = copy.copy(args)
     alone.pathway, alone.resume = "none", False
     alone.out = os.path.join(os.path.dirname(args.out), "student_alone.pt")
-    tag = run_tag(alone, data, split, paths)
+    tag = run_tag(alone, data, split, paths, device)
     if os.path.isfile(alone.out):
-        ckpt = kd.load_checkpoint(alone.out, "student", "student alone")
+        ckpt = runs.load_checkpoint(alone.out, "student", "student alone")
         if ckpt.get("tag") == tag:
             print(f"student alone: reusing {alone.out} (same split and options)")
             return ckpt
         print(f"student alone: {alone.out} was trained with other options or another split; training it again")
     print("\n--- the student alone, for comparison")
-    kd.seed_everything(kd.run_seed(args.seed, args.fold))  # the same initial weights as the distilled student
+    runs.seed_everything(runs.run_seed(args.seed, args.fold))  # the same initial weights as the distilled student
     return train(alone, teacher, count_parameters(teacher), data, split, device, dtype, tag)
 
 
 # ----------------------------------------------------------------------------- 3. the report
 
 def report(teacher_test, n_teacher, students):
-    """The table that shows what distillation did: teacher, student alone, distilled student."""
+    """The table that shows what distillation did: teacher, student alone, distilled student, and
+    the distilled student's gain with its 95% interval over the test images (paired image by image)."""
     dice = lambda r: 100 * r["dice"]
     rows = [("teacher", n_teacher, teacher_test)] + [(name, c["parameters"], c["test"]) for name, c in students]
     w = max(len(name) for name, _, _ in rows) + 2
     print(f"\n{'':{w}s}{'parameters':>10s}  {'test Dice':>9s}")
     for name, n, r in rows:
-        print(f"{name:{w}s}{kd.fmt_params(n):>10s}  {dice(r):9.2f}")
+        print(f"{name:{w}s}{runs.fmt_params(n):>10s}  {dice(r):9.2f}")
     if len(students) == 2:
-        (_, alone), (_, distilled) = students
-        gain, lead = dice(distilled["test"]) - dice(alone["test"]), dice(teacher_test) - dice(alone["test"])
-        share = (f"{100 * gain / lead:.0f}% of the teacher's lead ({lead:+.2f})" if lead > 0 else
-                 f"the teacher does not lead the student alone here ({lead:+.2f}): it has nothing to pass on")
-        print(f"distillation: {gain:+.2f} Dice over the student alone, {share}")
-    print(f"the student has {n_teacher / students[-1][1]['parameters']:.1f}x fewer parameters than the teacher")
+        alone, distilled = (c["test"]["per_image_dice"] for _, c in students)
+        gain, lo, hi = kd.paired_interval([100 * (d - a) for d, a in zip(distilled, alone)])
+        verdict = "above 0" if lo > 0 else "below 0" if hi < 0 else "too close to call"
+        print(f"distillation: {gain:+.2f} Dice over the student alone, 95% interval [{lo:+.2f}, {hi:+.2f}] over "
+              f"{len(alone)} test images: {verdict} (conditional on these two trained models and this split)")
+        if len(teacher_test["per_image_dice"]) == len(alone):
+            lead, lo, hi = kd.paired_interval([100 * (t - a) for t, a in zip(teacher_test["per_image_dice"], alone)])
+            share = (f"distillation recovered {100 * gain / lead:.0f}% of it" if lo > 0 else
+                     "not clearly above 0, so no share of it is given")
+            print(f"the teacher's lead over the student alone: {lead:+.2f} [{lo:+.2f}, {hi:+.2f}]; {share}")
+    n_student = students[-1][1]["parameters"]
+    print(f"the student has {n_teacher / n_student:.1f}x fewer parameters than the teacher" if n_teacher > n_student
+          else f"the student has {n_student / n_teacher:.1f}x the teacher's parameters")
 
 
 # ----------------------------------------------------------------------------- main
@@ -327,8 +320,8 @@ def main(argv=None):
     """Run with command-line words `argv` (default: sys.argv); returns the student's checkpoint, with
     the test metrics of its teacher (or ensemble) added as teacher_test."""
     # 1. The teachers, and the data and split they were trained on
-    args, given = kd.parse_args(OPTIONS, __doc__, argv)
-    teacher_ckpts, data, split = load_teachers(args, given)
+    p = options()
+    args, teacher_ckpts, data, split = load_teachers(p, argv, p.parse_args(argv))
     paths, classes = teacher_paths(args)
     args.out = args.out or os.path.join("out", "student_alone.pt" if args.pathway == "none"
                                         else f"student_{args.pathway}_{args.loss}.pt")
@@ -336,17 +329,17 @@ def main(argv=None):
         raise UserError(f"--out {args.out}: give a file name ending in .pt")
     if os.path.abspath(args.out) in map(os.path.abspath, paths):
         raise UserError(f"--out {args.out}: that is a teacher's file; choose another name")
-    device = kd.pick_device(args.device)
-    dtype = kd.amp_dtype(device, args.amp)
-    members = [kd.build_model(t) for t in teacher_ckpts]
+    device = runs.pick_device(args.device)
+    dtype = runs.amp_dtype(device, args.amp)
+    members = [runs.build_model(t) for t in teacher_ckpts]
     if classes:
         teacher = ClassTeachers(members, classes, args.route).eval()
     else:
         teacher = members[0] if len(members) == 1 else Ensemble(members).eval()
-    teacher = kd.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
+    teacher = runs.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
     distilling_teacher = fast_model(teacher, device, dtype) if args.fast_teacher else teacher
     widths = "+".join(str(t["model_config"]["width"]) for t in teacher_ckpts)
-    print(f"teacher: {kd.fmt_params(count_parameters(teacher))} parameters (width {widths})")
+    print(f"teacher: {runs.fmt_params(count_parameters(teacher))} parameters (width {widths})")
 
     # 2. The student alone on the same split: trained, or a finished one reused
     students = []
@@ -354,9 +347,9 @@ def main(argv=None):
         students.append(("student alone", student_alone(args, teacher, data, split, device, dtype, paths)))
         print(f"\n--- the student distilled ({args.pathway})")
     # 3. The student distilled (or alone, with --pathway none), from the same initial weights
-    kd.seed_everything(kd.run_seed(args.seed, args.fold))
+    runs.seed_everything(runs.run_seed(args.seed, args.fold))
     ckpt = train(args, distilling_teacher, count_parameters(teacher), data, split, device, dtype,
-                 run_tag(args, data, split, paths))
+                 run_tag(args, data, split, paths, device))
     name = ("student alone" if args.pathway == "none" else "distilled (dckd)" if args.pathway == "dckd"
             else f"distilled ({args.pathway}, {args.loss})")
     students.append((name, ckpt))
@@ -368,4 +361,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    kd.run(main)
+    runs.exit_on_error(main)

@@ -1,0 +1,112 @@
+"""Plateau probes: does a recipe finish learning? Fold 0 of BUSI at the study's scale (96 px,
+strong augmentation, batch 16, bf16 on a CPU that has it), the teacher (width 32) and the student
+alone (width 10), each trained by train_teacher.py (the student alone is a width-10 U-Net trained
+on the supervised loss: train_student.py --pathway none computes the same), Adam with a cosine
+schedule (3 warm-up epochs), no early stopping, for several learning rates and lengths, 3 seeds.
+
+    python results/plateau/probes.py --data data/Dataset_BUSI_with_GT   # a worker: runs what is left
+    python results/plateau/probes.py --table                            # prints table.md from the records
+
+Workers share the queue: each claims a run by creating its .claim file in --work (checkpoints and
+logs stay there, out of git); a run's record (options, per-epoch validation loss and Dice, times,
+machine; no test figures: choices are made on validation) lands in results/plateau/records/.
+A recipe counts as converged when doubling its epochs moves the mean validation Dice by less than
+half a point. Run several workers with OMP_NUM_THREADS=1 to share a CPU's cores.
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+QUEUE = [  # (width, epochs, lr), each for seeds 0, 1, 2, in this order
+    (10, 60, 1e-3), (32, 60, 1e-3), (10, 120, 1e-3), (10, 60, 3e-3), (10, 60, 3e-4),
+    (32, 120, 1e-3), (10, 240, 1e-3), (32, 240, 1e-3)]
+SEEDS = (0, 1, 2)
+
+
+def name(width, epochs, lr, seed):
+    return f"w{width}_e{epochs}_lr{lr:g}_s{seed}"
+
+
+def work(args):
+    import torch
+    os.makedirs(os.path.join(HERE, "records"), exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    for width, epochs, lr in QUEUE:
+        for seed in SEEDS:
+            run = name(width, epochs, lr, seed)
+            record = os.path.join(HERE, "records", run + ".json")
+            try:
+                os.close(os.open(os.path.join(args.work, run + ".claim"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                continue
+            if os.path.isfile(record):
+                continue
+            out = os.path.join(args.work, run + ".pt")
+            argv = ["--data", args.data, "--size", "96", "--fold", "0", "--width", str(width), "--epochs", str(epochs),
+                    "--patience", str(epochs), "--batch_size", "16", "--lr", str(lr), "--schedule", "cosine",
+                    "--warmup", "3", "--seed", str(seed), "--device", "cpu", "--aug", "strong", "--out", out]
+            t0 = time.time()
+            with open(os.path.join(args.work, run + ".log"), "a") as log:
+                resume = ["--resume"] if os.path.isfile(out[:-3] + ".run.pt") else []
+                rc = subprocess.run([sys.executable, os.path.join(ROOT, "train_teacher.py"), *argv, *resume],
+                                    stdout=log, stderr=log).returncode
+            if rc:
+                os.remove(os.path.join(args.work, run + ".claim"))
+                print(f"{run}: failed ({rc}), see its log", flush=True)
+                continue
+            ck = torch.load(out, weights_only=True)
+            with open(record, "w") as f:
+                json.dump(dict(name=run, width=width, epochs=epochs, lr=lr, seed=seed, fold=0, argv=argv,
+                               parameters=ck["parameters"], best_epoch=ck["epoch"],
+                               val=dict(loss=ck["val"]["loss"], dice=ck["val"]["dice"]), history=ck["history"],
+                               train_seconds=ck["test"]["train_seconds"], machine=ck["machine"],
+                               precision=ck["precision"], versions=ck["versions"]), f, indent=1)
+            print(f"{run}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def table():
+    recs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "records", "*.json")))]
+    groups = {}
+    for r in recs:
+        groups.setdefault((r["width"], r["lr"], r["epochs"]), []).append(r)
+    mean = lambda xs: sum(xs) / len(xs)
+    lines = ["| width | lr | epochs | seeds | val Dice, kept epoch (lowest val loss) | val Dice, mean of last tenth "
+             "| best epoch in last tenth | change on doubling the epochs |", "|---|---|---|---|---|---|---|---|"]
+    for (w, lr, e), rs in sorted(groups.items()):
+        tail = lambda r: mean([h["val_dice"] for h in r["history"][-max(1, e // 10):]])
+        last = mean([tail(r) for r in rs])
+        late = sum(r["best_epoch"] > e - e // 10 for r in rs)
+        longer = groups.get((w, lr, 2 * e))
+        change = "" if not longer else f"{100 * (mean([tail(r) for r in longer]) - last):+.2f} ({len(longer)} seeds)"
+        lines.append(f"| {w} | {lr:g} | {e} | {len(rs)} | {100 * mean([r['val']['dice'] for r in rs]):.2f} | "
+                     f"{100 * last:.2f} | {late} of {len(rs)} | {change} |")
+    lines += ["", "Mean validation Dice over seeds, every 10th epoch (the curves):", "",
+              "| width | lr | epochs | " + " | ".join(f"ep {k}" for k in range(10, 241, 10)) + " |",
+              "|---|---|---|" + "---|" * 24]
+    for (w, lr, e), rs in sorted(groups.items()):
+        n = min(len(r["history"]) for r in rs)
+        cells = [f"{100 * mean([r['history'][k - 1]['val_dice'] for r in rs]):.1f}" if k <= n else "" for k in range(10, 241, 10)]
+        lines.append(f"| {w} | {lr:g} | {e} | " + " | ".join(cells) + " |")
+    machines = sorted({r["machine"] for r in recs})
+    lines += ["", f"Records: {len(recs)} runs, fold 0 of the near-copy-aware split (--near_dup 0.95), validation part only; "
+              f"machines: {'; '.join(machines)}."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(HERE, "table.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.join("data", "Dataset_BUSI_with_GT"), help="the BUSI folder")
+    p.add_argument("--work", default=os.path.join("out", "plateau"), help="checkpoints, logs and claims")
+    p.add_argument("--table", action="store_true", help="print (and write table.md) from the records")
+    a = p.parse_args()
+    table() if a.table else work(a)
