@@ -21,7 +21,6 @@ from models import ClassTeachers, Mirrored, Projector, Regressor
 
 # ----------------------------------------------------------------------------- batches
 
-
 def autocast(device, dtype):
     """Mixed precision where `dtype` (bf16, fp16) is given; plain fp32 when it is None."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -59,7 +58,6 @@ def steps_per_epoch(n_train, batch_size):
 
 
 # ----------------------------------------------------------------------------- Dice and evaluation
-
 
 def dice_iou(pred, target):
     """Per-image Dice and IoU of binary masks (N, 1, H, W) -> two (N,) float tensors.
@@ -128,7 +126,6 @@ def paired_interval(d, level=0.95):
 
 
 # ----------------------------------------------------------------------------- the training loop
-
 
 def lr_factor(step, total, warmup, schedule):
     """The learning rate at optimiser step `step` (0-based) of `total`, as a share of the base rate.
@@ -267,7 +264,6 @@ def fmt_time(seconds):
 
 
 # ----------------------------------------------------------------------------- the student's step, every pathway
-
 
 TERMS = {"logits": ["logits"], "hidden": ["hidden"], "hidden_regressor": ["hidden_regressor"],
          "joint": ["logits", "hidden_regressor"]}  # the paper's distillation terms each --pathway sums

@@ -26,7 +26,6 @@ DEFAULT_DATA = os.path.join("data", "Dataset_BUSI_with_GT")
 
 # ----------------------------------------------------------------------------- options
 
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the script's docstring as written and shows each option's default (when it has one)."""
 
@@ -211,7 +210,6 @@ def names_per_part(split, data):
 
 # ----------------------------------------------------------------------------- device, precision, seeds
 
-
 def pick_device(name="auto"):
     if name != "auto":
         try:
@@ -315,7 +313,6 @@ def fmt_params(n):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-
 def atomic_write(path, write):
     """Write `path` through write(file): into a temporary file of a unique name in the same folder,
     flushed to disk (fsync), then renamed over `path`. A crash or Ctrl-C mid-write never leaves half
@@ -401,7 +398,6 @@ def build_model(ckpt):
 
 # ----------------------------------------------------------------------------- runs that survive
 
-
 NEUTRAL_OPTIONS = {"device", "compile", "out", "resume", "data", "teacher", "class_teachers", "split", "save_split",
                    "alone"}  # where files are, how fast it runs, what else is trained: not what a run computes
 
@@ -459,7 +455,6 @@ def finish(args, ckpt, stopped):
 
 
 # ----------------------------------------------------------------------------- running a script
-
 
 def exit_on_error(main):
     """Run a script's main(): bad input -> 'error: ...' on one line and exit 2; a diverged run ->

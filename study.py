@@ -239,7 +239,7 @@ def stored(row, fold, seed, args, teacher_recs=None, say=True):
     return rec
 
 
-def run(row, fold, seed, args, label, precision, teacher_recs=None):
+def train_one(row, fold, seed, args, label, precision, teacher_recs=None):
     """Train one run (going on with its unfinished state if there is one) and write its record."""
     folder = run_folder(args, fold, seed)
     ckpt_path, json_path = os.path.join(folder, row + ".pt"), os.path.join(folder, row + ".json")
@@ -673,14 +673,14 @@ def main(argv=None):
             for s in seeds + [None]:
                 for t in (teachers if s is not None else []):
                     if (t, s) in retrain:
-                        t_recs[t, s] = run(t, f, s, args, label(), precision)
+                        t_recs[t, s] = train_one(t, f, s, args, label(), precision)
                         ran.append((t, f, s))
                     records[t, f, s] = t_recs[t, s]
                 for r, s_ in [(r, s_) for r in students for s_ in (seeds if s is None else [s])
                               if ("ensemble" in ROWS[r]) == (s is None)]:
                     rec = stored(r, f, s_, args, t_recs)
                     if rec is None:
-                        rec = run(r, f, s_, args, label(), precision, t_recs)
+                        rec = train_one(r, f, s_, args, label(), precision, t_recs)
                         ran.append((r, f, s_))
                     records[r, f, s_] = rec
     except KeyboardInterrupt:

@@ -1958,14 +1958,14 @@ def test_summary_pairs_runs_by_fold_and_seed():
 def test_study_end_to_end_resumes_and_draws(tmp_path):
     out = str(tmp_path / "study")
     res = study.main(STUDY_TINY + ["--out", out])
-    # Table 4's 14 rows, 3 more teachers, 3 more methods; not the ensemble row, which needs seeds 0-2
-    assert len(res["ran"]) == 2 * (len(study.ROWS) - 1) == 2 * 20
+    # Table 4's 14 rows, 3 more teachers, 5 more methods; not the ensemble row, which needs seeds 0-2
+    assert len(res["ran"]) == 2 * (len(study.ROWS) - 1) == 2 * 22
     table = open(os.path.join(out, "table.md")).read()
     for row in [r for r in study.ROWS if "ensemble" not in study.ROWS[r]]:
         assert f"| {row} |" in table or f"| {row}* |" in table
     rows = json.load(open(os.path.join(out, "results.json")))["rows"]
     ps = [s[k] for s in rows.values() for k in ("p_vs_teacher", "p_vs_student") if s[k] is not None]
-    assert len(ps) == 2 * 20 - 2 and all(0 <= p <= 1 for p in ps)  # 24 pairs each: the Monte-Carlo test
+    assert len(ps) == 2 * 22 - 2 and all(0 <= p <= 1 for p in ps)  # 24 pairs each: the Monte-Carlo test
     t2kd = json.load(open(os.path.join(out, "fold0", "seed0", "T2KD.json")))
     benign, malignant = (json.load(open(os.path.join(out, "fold0", "seed0", f"Teacher_{c}.json"))) for c in ("benign", "malignant"))
     assert t2kd["teacher_sha1"] == benign["sha1"] + "+" + malignant["sha1"]

@@ -149,7 +149,7 @@ def add_split_options(group):
     add = group.add_argument
     add("--data", help="the teacher's data folder, if it is elsewhere on this machine (default: the teacher's)")
     for name, kind in SPLIT_OPTIONS.items():
-        add(f"--{name}", type=kind, help="must match the teacher's" + (": train one per fold" if name == "fold" else ""))
+        add(f"--{name}", type=kind, help="must match the teacher's")
 
 
 # ----------------------------------------------------------------------------- 1. teachers and their split
@@ -236,22 +236,22 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag):
           + f"; device {device}, precision {runs.precision_name(dtype)}")
     step = kd.make_step(args, runs.maybe_compile(student, args.compile), runs.maybe_compile(teacher, args.compile),
                         kd.class_indices(teacher, data, device), regressor, projector, seed)
-    run = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
+    fitted = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
                  epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                  schedule=args.schedule, warmup=args.warmup, select=args.select, aug=args.aug, seed=seed,
                  dice_weight=args.dice_weight, generators=step.generators, resume=runs.resume_state(args, tag),
                  save=runs.state_saver(runs.state_path(args.out), tag))
-    student.load_state_dict(run["best_state"])
+    student.load_state_dict(fitted["best_state"])
     test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
-    test.update(names=runs.names_per_part(split, data)["test"], train_seconds=run["train_seconds"])
+    test.update(names=runs.names_per_part(split, data)["test"], train_seconds=fitted["train_seconds"])
     ckpt = runs.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
-                                teacher=args.teacher, teacher_parameters=n_teacher, epoch=run["best_epoch"],
-                                history=run["history"], val=run["best_val"], test=test, stopped=run["stopped"],
+                                teacher=args.teacher, teacher_parameters=n_teacher, epoch=fitted["best_epoch"],
+                                history=fitted["history"], val=fitted["best_val"], test=test, stopped=fitted["stopped"],
                                 precision=runs.precision_name(dtype), machine=runs.machine_name(device), tag=tag)
-    runs.finish(args, ckpt, run["stopped"])
+    runs.finish(args, ckpt, fitted["stopped"])
     print(f"student test ({len(split['test'])} images, fold {args.fold}): Dice {100 * test['dice']:.2f} "
-          f"+- {100 * test['dice_std']:.2f}; best epoch {run['best_epoch']} ({run['stopped']}); "
-          f"trained {kd.fmt_time(run['train_seconds'])}; saved {args.out}")
+          f"+- {100 * test['dice_std']:.2f}; best epoch {fitted['best_epoch']} ({fitted['stopped']}); "
+          f"trained {kd.fmt_time(fitted['train_seconds'])}; saved {args.out}")
     return ckpt
 
 

@@ -129,24 +129,24 @@ def main(argv=None):
 
     # 3. Train, going on from a saved state with --resume
     tag = runs.run_tag(args, data, split, device)
-    run = kd.fit(model, images, masks, own, step, device=device, dtype=dtype, epochs=args.epochs,
+    fitted = kd.fit(model, images, masks, own, step, device=device, dtype=dtype, epochs=args.epochs,
                  patience=args.patience, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                  warmup=args.warmup, select=args.select, aug=args.aug, seed=seed,
                  dice_weight=args.dice_weight, resume=runs.resume_state(args, tag),
                  save=runs.state_saver(runs.state_path(args.out), tag))
 
     # 4. Test the best weights, save, report
-    model.load_state_dict(run["best_state"])
+    model.load_state_dict(fitted["best_state"])
     test = kd.evaluate(model, images, masks, own["test"], device, dtype, args.batch_size, args.dice_weight)
-    test.update(names=runs.names_per_part(own, data)["test"], train_seconds=run["train_seconds"])
-    ckpt = runs.make_checkpoint("teacher", model, args, data, split, parameters=n_params, epoch=run["best_epoch"],
-                                history=run["history"], val=run["best_val"], test=test, stopped=run["stopped"],
+    test.update(names=runs.names_per_part(own, data)["test"], train_seconds=fitted["train_seconds"])
+    ckpt = runs.make_checkpoint("teacher", model, args, data, split, parameters=n_params, epoch=fitted["best_epoch"],
+                                history=fitted["history"], val=fitted["best_val"], test=test, stopped=fitted["stopped"],
                                 precision=runs.precision_name(dtype), machine=runs.machine_name(device))
-    runs.finish(args, ckpt, run["stopped"])
+    runs.finish(args, ckpt, fitted["stopped"])
     print(f"teacher test ({len(own['test'])} {args.only_class + ' ' if args.only_class else ''}images, fold {args.fold}): "
           f"Dice {100 * test['dice']:.2f} +- {100 * test['dice_std']:.2f}, IoU {100 * test['iou']:.2f}; "
-          f"{runs.fmt_params(n_params)} parameters; best epoch {run['best_epoch']} ({run['stopped']}); "
-          f"trained {kd.fmt_time(run['train_seconds'])}; saved {args.out}")
+          f"{runs.fmt_params(n_params)} parameters; best epoch {fitted['best_epoch']} ({fitted['stopped']}); "
+          f"trained {kd.fmt_time(fitted['train_seconds'])}; saved {args.out}")
     return ckpt
 
 
