@@ -6,12 +6,16 @@ schedule (3 warm-up epochs), no early stopping, for several learning rates and l
 
     python results/plateau/probes.py --data data/Dataset_BUSI_with_GT   # a worker: runs what is left
     python results/plateau/probes.py --table                            # prints table.md from the records
+    python results/plateau/probes.py --data data/Dataset_BUSI_with_GT --teachers   # can a teacher know more?
 
 Workers share the queue: each claims a run by creating its .claim file in --work (checkpoints and
 logs stay there, out of git); a run's record (options, per-epoch validation loss and Dice, times,
 machine; no test figures: choices are made on validation) lands in results/plateau/records/.
 A recipe counts as converged when doubling its epochs moves the mean validation Dice by less than
-half a point. Run several workers with OMP_NUM_THREADS=1 to share a CPU's cores.
+half a point. Run several workers with OMP_NUM_THREADS=1 to share a CPU's cores. --teachers asks, on
+the same validation part, whether a teacher built from the 60-epoch checkpoints knows more than one
+student alone: each seed, mirrored (models.Mirrored), the 3 seeds' mean logits (models.Ensemble),
+and both at once; it writes teachers_fold0.json.
 """
 import argparse
 import glob
@@ -103,10 +107,36 @@ def table():
     print(text)
 
 
+def teachers(args):
+    import torch
+    import kd
+    import runs
+    import train_teacher
+    from models import Ensemble, Mirrored
+    ckpts = {(w, s): runs.load_checkpoint(os.path.join(args.work, name(w, 60, 1e-3, s) + ".pt"), "teacher")
+             for w in (32, 10) for s in SEEDS}
+    options = train_teacher.options().parse_args(["--data", args.data, "--size", "96"])
+    data, splits = runs.load_split_data(options)
+    val, device = splits[0]["val"], torch.device("cpu")
+    dtype = runs.amp_dtype(device)
+    dice = lambda m: 100 * kd.evaluate(m.eval(), data.images, data.masks, val, device, dtype)["dice"]
+    out = {}
+    for w in (32, 10):
+        models = [runs.build_model(ckpts[w, s]) for s in SEEDS]
+        out[f"width {w}"] = dict(each=[dice(m) for m in models], mirrored=[dice(Mirrored(m)) for m in models],
+                                 ensemble=dice(Ensemble(models)), mirrored_ensemble=dice(Mirrored(Ensemble(models))))
+    out.update(data=args.data, fold=0, part="val", images=len(val), machine=runs.machine_name(device),
+               precision=runs.precision_name(dtype))
+    with open(os.path.join(HERE, "teachers_fold0.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out, indent=1))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join("data", "Dataset_BUSI_with_GT"), help="the BUSI folder")
     p.add_argument("--work", default=os.path.join("out", "plateau"), help="checkpoints, logs and claims")
     p.add_argument("--table", action="store_true", help="print (and write table.md) from the records")
+    p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
     a = p.parse_args()
-    table() if a.table else work(a)
+    table() if a.table else teachers(a) if a.teachers else work(a)
