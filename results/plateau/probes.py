@@ -87,8 +87,9 @@ def table():
         tail = lambda r: mean([h["val_dice"] for h in r["history"][-max(1, e // 10):]])
         last = mean([tail(r) for r in rs])
         late = sum(r["best_epoch"] > e - e // 10 for r in rs)
-        longer = groups.get((w, lr, 2 * e))
-        change = "" if not longer else f"{100 * (mean([tail(r) for r in longer]) - last):+.2f} ({len(longer)} seeds)"
+        longer = {r["seed"]: r for r in groups.get((w, lr, 2 * e), [])}
+        pairs = [(tail(r), tail(longer[r["seed"]])) for r in rs if r["seed"] in longer]  # the same seeds only
+        change = f"{100 * mean([b - a for a, b in pairs]):+.2f} ({len(pairs)} of 3 seeds)" if pairs else ""
         lines.append(f"| {w} | {lr:g} | {e} | {len(rs)} | {100 * mean([r['val']['dice'] for r in rs]):.2f} | "
                      f"{100 * last:.2f} | {late} of {len(rs)} | {change} |")
     lines += ["", "Mean validation Dice over seeds, every 10th epoch (the curves):", "",
