@@ -57,33 +57,32 @@ def assert_one_line_error(rc, err, *words):
         assert w in lines[0], (w, lines[0])
 
 
+def randomise_batchnorm(model, seed=0):
+    """Give every BatchNorm non-trivial statistics and affine parameters, so folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+def leaky_copy(path, out):
+    """A copy of teacher checkpoint `path` at `out` whose stored split swaps one test image into training."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["split"]["test"][0], ckpt["split"]["train"][0] = ckpt["split"]["train"][0], ckpt["split"]["test"][0]
+    torch.save(ckpt, out)
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
     ckpt = train_teacher.main(TINY + ["--width", "4", "--out", out])
     return out, ckpt
-
-
-# ----------------------------------------------------------------------------- models
-
-def test_unet_shapes_and_features():
-    m = UNet(width=4)
-    for size in (32, 37):  # 37: odd sizes pad up in the decoder and still give size x size out
-        logits, f = m(torch.randn(2, 1, size, size), return_features=True)
-        assert logits.shape == (2, 2, size, size)
-        assert list(f) == ["enc1", "enc2", "enc3", "enc4", "bottleneck", "dec4", "dec3", "dec2", "dec1"]
-        for name, c in m.feature_channels.items():
-            assert f[name].shape[:2] == (2, c)
-        assert f["bottleneck"].shape == (2, 64, size // 16, size // 16)
-        assert f["dec1"].shape[-2:] == (size, size) and f["enc4"].shape[-2:] == f["dec4"].shape[-2:]
-
-
-def test_parameter_counts_at_script_defaults():
-    n_teacher = count_parameters(UNet(train_teacher.DEFAULTS["width"]))
-    n_student = count_parameters(UNet(train_student.DEFAULTS["width"]))
-    assert 30.5e6 < n_teacher < 31.5e6
-    assert 0.7e6 < n_student < 1e6
-    assert 90e6 < count_parameters(UNet(112)) < 100e6  # the paper's teacher scale
 
 
 # ----------------------------------------------------------------------------- losses
@@ -368,32 +367,29 @@ def test_dckd_gradients_reach_the_student_and_projector_not_the_teacher():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
 
 
-# ----------------------------------------------------------------------------- metrics
+# ----------------------------------------------------------------------------- models
 
-def test_dice_iou_on_hand_made_masks():
-    m = lambda rows: torch.tensor(rows, dtype=torch.bool)[None, None]
-    a = m([[1, 1, 0, 0]] * 2)
-    cases = [(a, a, 1, 1),                         # perfect
-             (a, m([[0, 0, 1, 1]] * 2), 0, 0),     # disjoint
-             (a, m([[0, 1, 1, 0]] * 2), 0.5, 1 / 3),  # half overlap: 2*2/(4+4), 2/6
-             (m([[0] * 4] * 2), m([[0] * 4] * 2), 1, 1),  # both empty: convention 1
-             (a, m([[0] * 4] * 2), 0, 0)]          # lesion missed entirely
-    for pred, target, dice, iou in cases:
-        d, j = kd.dice_iou(pred, target)
-        assert d.item() == pytest.approx(dice) and j.item() == pytest.approx(iou)
-    d, j = kd.dice_iou(torch.cat([c[0] for c in cases]), torch.cat([c[1] for c in cases]))  # batched
-    assert d.tolist() == pytest.approx([c[2] for c in cases]) and j.tolist() == pytest.approx([c[3] for c in cases])
+def test_unet_shapes_and_features():
+    m = UNet(width=4)
+    for size in (32, 37):  # 37: odd sizes pad up in the decoder and still give size x size out
+        logits, f = m(torch.randn(2, 1, size, size), return_features=True)
+        assert logits.shape == (2, 2, size, size)
+        assert list(f) == ["enc1", "enc2", "enc3", "enc4", "bottleneck", "dec4", "dec3", "dec2", "dec1"]
+        for name, c in m.feature_channels.items():
+            assert f[name].shape[:2] == (2, c)
+        assert f["bottleneck"].shape == (2, 64, size // 16, size // 16)
+        assert f["dec1"].shape[-2:] == (size, size) and f["enc4"].shape[-2:] == f["dec4"].shape[-2:]
 
 
-@on_devices
-def test_evaluate_keeps_every_image(device):
-    d = data.make_phantom(7, 32, 0)
-    r = kd.evaluate(UNet(2).to(device).eval(), d.images.to(device), d.masks.to(device), list(range(7)),
-                    torch.device(device), None, batch_size=3)
-    assert len(r["per_image_dice"]) == 7 and 0 <= r["dice"] <= 1 and r["loss"] > 0
+def test_parameter_counts_at_script_defaults():
+    n_teacher = count_parameters(UNet(train_teacher.DEFAULTS["width"]))
+    n_student = count_parameters(UNet(train_student.DEFAULTS["width"]))
+    assert 30.5e6 < n_teacher < 31.5e6
+    assert 0.7e6 < n_student < 1e6
+    assert 90e6 < count_parameters(UNet(112)) < 100e6  # the paper's teacher scale
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data: loaders, phantom, augmentation
 
 def save_png(path, array, mode=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -590,6 +586,29 @@ def test_augmentation_moves_image_and_mask_together():
     assert z.mean(dim=(1, 2, 3)).abs().max() < 1e-5 and (z.std(dim=(1, 2, 3)) - 1).abs().max() < 1e-4
 
 
+def test_intensity_augmentation_survives_normalisation():
+    """x * c + b is undone by per-image normalisation; strong augmentation's grey-level changes are not."""
+    x = data.make_phantom(8, 48, 0).images.float() / 255
+    affine = (x * 0.8 + 0.1).clamp(0, 1)
+    assert (data.normalize(affine) - data.normalize(x)).abs().max() < 1e-3  # why a plain brightness/contrast is useless
+    change = lambda **p: (data.normalize(data.intensity(x, dict(data.AUGMENT["strong"], noise=0.0, dropout=0.0, **p),
+                                                        torch.Generator().manual_seed(0)).clamp(0, 1))
+                          - data.normalize(x)).abs().mean(dim=(1, 2, 3))
+    assert (change(gamma=(0.75, 0.75), gain=0.0) > 0.02).all()  # every image, over all its pixels, not only where it clips
+    assert change(gamma=(1.0, 1.0), gain=0.3).mean() > 0.02     # depth gain alone
+    assert change().mean() > 0.05                               # the strong defaults
+
+
+def test_augmentation_draws_only_from_its_generator():
+    y = data.make_phantom(4, 32, 0).masks
+    x = y.float()
+    state = torch.get_rng_state()
+    a = data.augment(x, y, "strong", torch.Generator().manual_seed(3))
+    b = data.augment(x, y, "strong", torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 # ----------------------------------------------------------------------------- splits
 
 def test_splits_disjoint_deterministic_stratified_and_duplicate_safe():
@@ -692,220 +711,33 @@ def test_benchmark_name_lists_become_our_split(tmp_path):
         runs.load_splits(str(tmp_path), d, 2)
 
 
-# ----------------------------------------------------------------------------- scripts, checkpoints
+# ----------------------------------------------------------------------------- the loop: Dice and evaluation
 
-def test_checkpoint_round_trip_rebuilds_the_model(tiny_teacher):
-    path, ckpt = tiny_teacher
-    loaded = runs.load_checkpoint(path, "teacher")
-    model = runs.build_model(loaded)
-    again = runs.build_model(loaded)
-    x = torch.randn(2, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model(x), again(x))
-        ref = UNet(**ckpt["model_config"]).eval()
-        ref.load_state_dict(ckpt["model"])
-        assert torch.equal(model(x), ref(x))
-    assert loaded["args"]["width"] == 4 and loaded["split"]["test"] and loaded["test"]["names"] == loaded["split"]["test"]
-    assert len(loaded["test"]["per_image_dice"]) == len(loaded["split"]["test"])
-
-
-def test_same_seed_same_metrics_on_cpu(tiny_teacher, tmp_path):
-    _, ckpt = tiny_teacher
-    again = train_teacher.main(TINY + ["--width", "4", "--out", str(tmp_path / "t.pt")])
-    assert again["test"]["per_image_dice"] == ckpt["test"]["per_image_dice"]
-    assert again["val"]["loss"] == ckpt["val"]["loss"]
+def test_dice_iou_on_hand_made_masks():
+    m = lambda rows: torch.tensor(rows, dtype=torch.bool)[None, None]
+    a = m([[1, 1, 0, 0]] * 2)
+    cases = [(a, a, 1, 1),                         # perfect
+             (a, m([[0, 0, 1, 1]] * 2), 0, 0),     # disjoint
+             (a, m([[0, 1, 1, 0]] * 2), 0.5, 1 / 3),  # half overlap: 2*2/(4+4), 2/6
+             (m([[0] * 4] * 2), m([[0] * 4] * 2), 1, 1),  # both empty: convention 1
+             (a, m([[0] * 4] * 2), 0, 0)]          # lesion missed entirely
+    for pred, target, dice, iou in cases:
+        d, j = kd.dice_iou(pred, target)
+        assert d.item() == pytest.approx(dice) and j.item() == pytest.approx(iou)
+    d, j = kd.dice_iou(torch.cat([c[0] for c in cases]), torch.cat([c[1] for c in cases]))  # batched
+    assert d.tolist() == pytest.approx([c[2] for c in cases]) and j.tolist() == pytest.approx([c[3] for c in cases])
 
 
 @on_devices
-def test_training_lowers_the_loss(device):
-    torch.manual_seed(0)
-    d = data.make_phantom(16, 32, 0)
-    model = UNet(4).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = kd.batch(d.images.to(device), d.masks.to(device), torch.arange(16, device=device))
-    first = None
-    for _ in range(15):
-        loss = losses.supervised_loss(model(x), y)
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.7 * first
+def test_evaluate_keeps_every_image(device):
+    d = data.make_phantom(7, 32, 0)
+    r = kd.evaluate(UNet(2).to(device).eval(), d.images.to(device), d.masks.to(device), list(range(7)),
+                    torch.device(device), None, batch_size=3)
+    assert len(r["per_image_dice"]) == 7 and r["dice"] == pytest.approx(float(np.mean(r["per_image_dice"])))
+    assert r["loss"] > 0
 
 
-@pytest.mark.parametrize("pathway,loss,extra", [("logits", "kld", []), ("logits", "cwd", []), ("hidden", "mse", []),
-                                               ("hidden_regressor", "kld", []), ("none", "kld", []),
-                                               ("hidden", "kld", ["--teacher_flip"]),
-                                               ("hidden_regressor", "mse", ["--fast_teacher"])])
-@on_devices
-def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss, extra, device):
-    path, t = tiny_teacher
-    s = train_student.main(["--teacher", path, "--pathway", pathway, "--loss", loss, "--width", "2", "--no-alone",
-                            "--epochs", "1", "--batch_size", "4", "--device", device, "--out", str(tmp_path / "s.pt")]
-                           + extra)
-    assert s["split"] == t["split"] and s["kind"] == "student"
-    saved = runs.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
-    assert sorted(saved) == sorted(UNet(2).state_dict())  # exactly a student: no regressor weights saved with it
-    assert s["parameters"] == count_parameters(UNet(2)) and s["teacher_parameters"] == t["parameters"]
-    if not extra:  # the plain teacher is what is reported as the teacher
-        assert s["teacher_test"]["per_image_dice"] == pytest.approx(t["test"]["per_image_dice"], abs=0 if device == "cpu" else 0.05)
-    assert not os.path.exists(tmp_path / "student_alone.pt") and not os.path.exists(tmp_path / "s.run.pt")
-
-
-def test_cwd_is_for_the_logits_only(tiny_teacher, tmp_path):
-    with pytest.raises(UserError, match="--loss cwd: .* use it with --pathway logits"):
-        train_student.main(["--teacher", tiny_teacher[0], "--pathway", "hidden", "--loss", "cwd",
-                            "--out", str(tmp_path / "s.pt")])
-
-
-def test_student_refuses_another_split(tiny_teacher, tmp_path):
-    path, _ = tiny_teacher
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["split"]["test"][0], ckpt["split"]["train"][0] = ckpt["split"]["train"][0], ckpt["split"]["test"][0]
-    torch.save(ckpt, tmp_path / "leaky.pt")
-    rc, _, err = script("train_student.py", "--teacher", str(tmp_path / "leaky.pt"), cwd=str(tmp_path))
-    assert_one_line_error(rc, err, "leaky.pt", "split differs")
-    rc, _, err = script("train_student.py", "--teacher", path, "--fold", "1", cwd=str(tmp_path))
-    assert_one_line_error(rc, err, "--fold 1", "trained with --fold 0")
-    assert not os.path.exists(tmp_path / "out")
-
-
-def test_student_refuses_files_that_are_no_teacher(tiny_teacher, tmp_path):
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    student = tmp_path / "student.pt"
-    train_student.main(["--teacher", tiny_teacher[0], "--width", "2", "--epochs", "1", "--out", str(student)])
-    for f, words in (("junk.pt", "not a readable"), ("other.pt", "not a checkpoint of this project"),
-                     ("student.pt", "a student checkpoint, not a teacher"), ("missing.pt", "file not found")):
-        rc, _, err = script("train_student.py", "--teacher", str(tmp_path / f), cwd=str(tmp_path))
-        assert_one_line_error(rc, err, f, words)
-
-
-def test_ensemble_is_the_mean_of_its_members_logits():
-    torch.manual_seed(0)
-    members = [randomise_batchnorm(UNet(4).eval(), seed) for seed in (1, 2, 3)]
-    ens = Ensemble(members)
-    x = torch.randn(2, 1, 32, 32)
-    with torch.no_grad():
-        expected = sum(m(x) for m in members) / 3
-        logits, feats = ens(x, return_features=True)
-    assert torch.allclose(logits, expected, atol=1e-6) and feats == {}
-    assert not torch.allclose(logits, members[0](x).detach(), atol=1e-3)  # the members really differ
-    assert count_parameters(ens) == 3 * count_parameters(UNet(4))
-
-
-def test_student_distils_an_ensemble_of_teachers(tiny_teacher, tmp_path):
-    path, t = tiny_teacher
-    other = str(tmp_path / "teacher_seed1.pt")
-    t1 = train_teacher.main(TINY + ["--width", "4", "--seed", "1", "--out", other])
-    s = train_student.main(["--teacher", f"{path},{other}", "--width", "2", "--epochs", "1", "--batch_size", "4",
-                            "--no-alone", "--out", str(tmp_path / "s.pt")])
-    assert s["teacher_parameters"] == t["parameters"] + t1["parameters"] and s["split"] == t["split"]
-    ens_loss = s["teacher_test"]["loss"]  # the ensemble is what is evaluated as the teacher, not one member
-    assert ens_loss != pytest.approx(t["test"]["loss"]) and ens_loss != pytest.approx(t1["test"]["loss"])
-    rc, _, err = script("train_student.py", "--teacher", f"{path},{other}", "--pathway", "hidden_regressor",
-                        cwd=str(tmp_path))
-    assert_one_line_error(rc, err, "--pathway hidden_regressor", "ensemble", "--pathway logits")
-    leaky = torch.load(other, weights_only=True)
-    leaky["split"]["test"][0], leaky["split"]["train"][0] = leaky["split"]["train"][0], leaky["split"]["test"][0]
-    torch.save(leaky, tmp_path / "leaky.pt")
-    rc, _, err = script("train_student.py", "--teacher", f"{path},{tmp_path / 'leaky.pt'}", cwd=str(tmp_path))
-    assert_one_line_error(rc, err, "leaky.pt", "split differs")
-
-
-def test_nan_loss_stops_keeps_the_state_and_the_older_checkpoint(tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "t.pt")
-    finished = train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--out", out])  # an older, finished run
-    before = runs.file_hash(out)
-    calls = {"n": 0}
-    real = train_teacher.supervised_loss
-
-    def flaky(*a, **k):  # fine through epoch 1 (3 steps of 4 images), NaN afterwards
-        calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] > 3 else loss
-
-    monkeypatch.setattr(train_teacher, "supervised_loss", flaky)
-    with pytest.raises(SystemExit) as e:
-        runs.exit_on_error(lambda: train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out]))
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: training loss became nan at epoch 2") and "state after epoch 1" in err
-    assert len(err.splitlines()) == 1
-    assert runs.file_hash(out) == before and runs.load_checkpoint(out, "teacher")["test"] == finished["test"]
-    state = torch.load(runs.state_path(out), weights_only=True)  # the last good epoch, for --resume
-    assert state["run"]["epoch"] == 1 and state["run"]["best_epoch"] == 1
-
-
-def test_nan_validation_loss_from_epoch_one_is_one_line(tmp_path, monkeypatch, capsys):
-    real = kd.evaluate
-    monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), loss=float("nan")))
-    out = tmp_path / "t.pt"
-    with pytest.raises(SystemExit) as e:
-        runs.exit_on_error(lambda: train_teacher.main(TINY + ["--width", "2", "--out", str(out)]))
-    assert e.value.code == 1  # as for a run that diverged
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: validation loss became nan at epoch 1"), err
-    assert "nothing was saved" in err[0] and not out.exists()
-
-
-def test_ctrl_c_keeps_the_best_checkpoint(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = kd.augment
-
-    def interrupted(*a, **k):  # Ctrl-C in the middle of epoch 2
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(kd, "augment", interrupted)
-    out = str(tmp_path / "t.pt")
-    ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out])
-    assert ckpt["epoch"] == 1 and ckpt["stopped"] == "interrupted"
-    assert runs.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
-    assert os.path.isfile(runs.state_path(out))  # kept: --resume can go on with the run
-
-
-def test_bad_options_and_help(tiny_teacher, tmp_path):
-    rc, out, err = script("train_teacher.py", "--help")
-    assert rc == 0 and "--aug" in out and "Eq." not in err
-    rc, _, err = script("train_teacher.py", "--data", "phantom", "--folds", "3", "--fold", "3", cwd=str(tmp_path))
-    assert_one_line_error(rc, err, "--fold 3")
-    rc, _, err = script("train_teacher.py", "--data", "phantom", "--out", "model.bin", cwd=str(tmp_path))
-    assert_one_line_error(rc, err, "--out model.bin")
-    for name, args, words in (("train_teacher.py", ["--data", "phantom", "--size", "8"], ["--size 8", "at least 16"]),
-                              ("train_teacher.py", ["--data", "phantom", "--phantom_count", "4", "--folds", "3"],
-                               ["too few", "--folds"]),
-                              ("train_student.py", ["--teacher", tiny_teacher[0], "--alpha", "2"], ["--alpha 2.0"])):
-        rc, _, err = script(name, *args, cwd=str(tmp_path))
-        assert_one_line_error(rc, err, *words)
-
-
-# ----------------------------------------------------------------------------- training loop, resume, splits
-
-def test_intensity_augmentation_survives_normalisation():
-    """x * c + b is undone by per-image normalisation; strong augmentation's grey-level changes are not."""
-    x = data.make_phantom(8, 48, 0).images.float() / 255
-    affine = (x * 0.8 + 0.1).clamp(0, 1)
-    assert (data.normalize(affine) - data.normalize(x)).abs().max() < 1e-3  # why a plain brightness/contrast is useless
-    change = lambda **p: (data.normalize(data.intensity(x, dict(data.AUGMENT["strong"], noise=0.0, dropout=0.0, **p),
-                                                        torch.Generator().manual_seed(0)).clamp(0, 1))
-                          - data.normalize(x)).abs().mean(dim=(1, 2, 3))
-    assert (change(gamma=(0.75, 0.75), gain=0.0) > 0.02).all()  # every image, over all its pixels, not only where it clips
-    assert change(gamma=(1.0, 1.0), gain=0.3).mean() > 0.02     # depth gain alone
-    assert change().mean() > 0.05                               # the strong defaults
-
-
-def test_augmentation_draws_only_from_its_generator():
-    y = data.make_phantom(4, 32, 0).masks
-    x = y.float()
-    state = torch.get_rng_state()
-    a = data.augment(x, y, "strong", torch.Generator().manual_seed(3))
-    b = data.augment(x, y, "strong", torch.Generator().manual_seed(3))
-    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
+# ----------------------------------------------------------------------------- the loop: batches, schedule, fit, resume
 
 def test_extra_modules_do_not_shift_the_data_stream(tiny_teacher, tmp_path, monkeypatch):
     """The student alone and an HR student (whose regressor draws initial weights) see the same batches."""
@@ -1318,7 +1150,192 @@ def test_kld_unet_and_fit_run_when_copied_out(tmp_path):
     assert "trained 1 1" in p.stdout
 
 
-# ----------------------------------------------------------------------------- T2KD and DCKD in the student
+# ----------------------------------------------------------------------------- the scripts: checkpoints, one-line errors, faults
+
+def test_checkpoint_round_trip_rebuilds_the_model(tiny_teacher):
+    path, ckpt = tiny_teacher
+    loaded = runs.load_checkpoint(path, "teacher")
+    model = runs.build_model(loaded)
+    again = runs.build_model(loaded)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+        ref = UNet(**ckpt["model_config"]).eval()
+        ref.load_state_dict(ckpt["model"])
+        assert torch.equal(model(x), ref(x))
+    assert loaded["args"]["width"] == 4 and loaded["split"]["test"] and loaded["test"]["names"] == loaded["split"]["test"]
+    assert len(loaded["test"]["per_image_dice"]) == len(loaded["split"]["test"])
+
+
+def test_same_seed_same_metrics_on_cpu(tiny_teacher, tmp_path):
+    _, ckpt = tiny_teacher
+    again = train_teacher.main(TINY + ["--width", "4", "--out", str(tmp_path / "t.pt")])
+    assert again["test"]["per_image_dice"] == ckpt["test"]["per_image_dice"]
+    assert again["val"]["loss"] == ckpt["val"]["loss"]
+
+
+@on_devices
+def test_training_lowers_the_loss(device):
+    torch.manual_seed(0)
+    d = data.make_phantom(16, 32, 0)
+    model = UNet(4).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = kd.batch(d.images.to(device), d.masks.to(device), torch.arange(16, device=device))
+    first = None
+    for _ in range(15):
+        loss = losses.supervised_loss(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+
+
+@pytest.mark.parametrize("pathway,loss,extra", [("logits", "kld", []), ("logits", "cwd", []), ("hidden", "mse", []),
+                                               ("hidden_regressor", "kld", []), ("none", "kld", []),
+                                               ("hidden", "kld", ["--teacher_flip"]),
+                                               ("hidden_regressor", "mse", ["--fast_teacher"])])
+@on_devices
+def test_student_runs_on_its_teachers_split(tiny_teacher, tmp_path, pathway, loss, extra, device):
+    path, t = tiny_teacher
+    s = train_student.main(["--teacher", path, "--pathway", pathway, "--loss", loss, "--width", "2", "--no-alone",
+                            "--epochs", "1", "--batch_size", "4", "--device", device, "--out", str(tmp_path / "s.pt")]
+                           + extra)
+    assert s["split"] == t["split"] and s["kind"] == "student"
+    saved = runs.load_checkpoint(str(tmp_path / "s.pt"), "student")["model"]
+    assert sorted(saved) == sorted(UNet(2).state_dict())  # exactly a student: no regressor weights saved with it
+    assert s["parameters"] == count_parameters(UNet(2)) and s["teacher_parameters"] == t["parameters"]
+    if not extra:  # the plain teacher is what is reported as the teacher
+        assert s["teacher_test"]["per_image_dice"] == pytest.approx(t["test"]["per_image_dice"], abs=0 if device == "cpu" else 0.05)
+    assert not os.path.exists(tmp_path / "student_alone.pt") and not os.path.exists(tmp_path / "s.run.pt")
+
+
+def test_cwd_is_for_the_logits_only(tiny_teacher, tmp_path):
+    with pytest.raises(UserError, match="--loss cwd: .* use it with --pathway logits"):
+        train_student.main(["--teacher", tiny_teacher[0], "--pathway", "hidden", "--loss", "cwd",
+                            "--out", str(tmp_path / "s.pt")])
+
+
+def test_student_refuses_another_split(tiny_teacher, tmp_path):
+    path, _ = tiny_teacher
+    rc, _, err = script("train_student.py", "--teacher", leaky_copy(path, tmp_path / "leaky.pt"), cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "leaky.pt", "split differs")
+    rc, _, err = script("train_student.py", "--teacher", path, "--fold", "1", cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "--fold 1", "trained with --fold 0")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_student_refuses_files_that_are_no_teacher(tiny_teacher, tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    student = tmp_path / "student.pt"
+    train_student.main(["--teacher", tiny_teacher[0], "--width", "2", "--epochs", "1", "--out", str(student)])
+    for f, words in (("junk.pt", "not a readable"), ("other.pt", "not a checkpoint of this project"),
+                     ("student.pt", "a student checkpoint, not a teacher"), ("missing.pt", "file not found")):
+        rc, _, err = script("train_student.py", "--teacher", str(tmp_path / f), cwd=str(tmp_path))
+        assert_one_line_error(rc, err, f, words)
+
+
+def test_ensemble_is_the_mean_of_its_members_logits():
+    torch.manual_seed(0)
+    members = [randomise_batchnorm(UNet(4).eval(), seed) for seed in (1, 2, 3)]
+    ens = Ensemble(members)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = sum(m(x) for m in members) / 3
+        logits, feats = ens(x, return_features=True)
+    assert torch.allclose(logits, expected, atol=1e-6) and feats == {}
+    assert not torch.allclose(logits, members[0](x).detach(), atol=1e-3)  # the members really differ
+    assert count_parameters(ens) == 3 * count_parameters(UNet(4))
+
+
+def test_student_distils_an_ensemble_of_teachers(tiny_teacher, tmp_path):
+    path, t = tiny_teacher
+    other = str(tmp_path / "teacher_seed1.pt")
+    t1 = train_teacher.main(TINY + ["--width", "4", "--seed", "1", "--out", other])
+    s = train_student.main(["--teacher", f"{path},{other}", "--width", "2", "--epochs", "1", "--batch_size", "4",
+                            "--no-alone", "--out", str(tmp_path / "s.pt")])
+    assert s["teacher_parameters"] == t["parameters"] + t1["parameters"] and s["split"] == t["split"]
+    ens_loss = s["teacher_test"]["loss"]  # the ensemble is what is evaluated as the teacher, not one member
+    assert ens_loss != pytest.approx(t["test"]["loss"]) and ens_loss != pytest.approx(t1["test"]["loss"])
+    rc, _, err = script("train_student.py", "--teacher", f"{path},{other}", "--pathway", "hidden_regressor",
+                        cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "--pathway hidden_regressor", "ensemble", "--pathway logits")
+    rc, _, err = script("train_student.py", "--teacher", f"{path},{leaky_copy(other, tmp_path / 'leaky.pt')}",
+                        cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "leaky.pt", "split differs")
+
+
+def test_nan_loss_stops_keeps_the_state_and_the_older_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "t.pt")
+    finished = train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--out", out])  # an older, finished run
+    before = runs.file_hash(out)
+    calls = {"n": 0}
+    real = train_teacher.supervised_loss
+
+    def flaky(*a, **k):  # fine through epoch 1 (3 steps of 4 images), NaN afterwards
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(train_teacher, "supervised_loss", flaky)
+    with pytest.raises(SystemExit) as e:
+        runs.exit_on_error(lambda: train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out]))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: training loss became nan at epoch 2") and "state after epoch 1" in err
+    assert len(err.splitlines()) == 1
+    assert runs.file_hash(out) == before and runs.load_checkpoint(out, "teacher")["test"] == finished["test"]
+    state = torch.load(runs.state_path(out), weights_only=True)  # the last good epoch, for --resume
+    assert state["run"]["epoch"] == 1 and state["run"]["best_epoch"] == 1
+
+
+def test_nan_validation_loss_from_epoch_one_is_one_line(tmp_path, monkeypatch, capsys):
+    real = kd.evaluate
+    monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), loss=float("nan")))
+    out = tmp_path / "t.pt"
+    with pytest.raises(SystemExit) as e:
+        runs.exit_on_error(lambda: train_teacher.main(TINY + ["--width", "2", "--out", str(out)]))
+    assert e.value.code == 1  # as for a run that diverged
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: validation loss became nan at epoch 1"), err
+    assert "nothing was saved" in err[0] and not out.exists()
+
+
+def test_ctrl_c_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = kd.augment
+
+    def interrupted(*a, **k):  # Ctrl-C in the middle of epoch 2
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(kd, "augment", interrupted)
+    out = str(tmp_path / "t.pt")
+    ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "5", "--out", out])
+    assert ckpt["epoch"] == 1 and ckpt["stopped"] == "interrupted"
+    assert runs.load_checkpoint(out, "teacher")["test"]["dice"] == ckpt["test"]["dice"]
+    assert os.path.isfile(runs.state_path(out))  # kept: --resume can go on with the run
+
+
+def test_bad_options_and_help(tiny_teacher, tmp_path):
+    rc, out, err = script("train_teacher.py", "--help")
+    assert rc == 0 and err == "" and "(default: strong)" in out and "usage: train_teacher.py" in out
+    rc, _, err = script("train_teacher.py", "--data", "phantom", "--folds", "3", "--fold", "3", cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "--fold 3")
+    rc, _, err = script("train_teacher.py", "--data", "phantom", "--out", "model.bin", cwd=str(tmp_path))
+    assert_one_line_error(rc, err, "--out model.bin")
+    for name, args, words in (("train_teacher.py", ["--data", "phantom", "--size", "8"], ["--size 8", "at least 16"]),
+                              ("train_teacher.py", ["--data", "phantom", "--phantom_count", "4", "--folds", "3"],
+                               ["too few", "--folds"]),
+                              ("train_student.py", ["--teacher", tiny_teacher[0], "--alpha", "2"], ["--alpha 2.0"])):
+        rc, _, err = script(name, *args, cwd=str(tmp_path))
+        assert_one_line_error(rc, err, *words)
+
+
+# ----------------------------------------------------------------------------- the scripts: T2KD and DCKD in the student
 
 class Constant(nn.Module):
     """A fake teacher whose logits and bottleneck are one constant, so routing can be read off."""
@@ -1418,106 +1435,270 @@ def test_t2kd_student_runs_and_refuses_wrong_class_teachers(class_teachers, tiny
                            (["--teacher", str(class_teachers / "benign.pt")], "a class teacher")):
         with pytest.raises(UserError, match=message):
             train_student.main(words + ["--out", str(tmp_path / "x.pt")])
-    leaky = torch.load(class_teachers / "malignant.pt", weights_only=True)
-    leaky["split"]["test"][0], leaky["split"]["train"][0] = leaky["split"]["train"][0], leaky["split"]["test"][0]
-    torch.save(leaky, tmp_path / "leaky.pt")
+    leaky = leaky_copy(class_teachers / "malignant.pt", tmp_path / "leaky.pt")
     with pytest.raises(UserError, match="split differs"):
-        train_student.main(["--class_teachers", f"benign={class_teachers / 'benign.pt'},malignant={tmp_path / 'leaky.pt'}",
+        train_student.main(["--class_teachers", f"benign={class_teachers / 'benign.pt'},malignant={leaky}",
                             "--out", str(tmp_path / "x.pt")])
 
 
-# ----------------------------------------------------------------------------- the real BUSI
+# ----------------------------------------------------------------------------- study.py
 
-@needs_busi
-def test_busi_counts_and_merged_masks():
-    d = data.load_busi(BUSI_DIR, size=64)
-    assert len(d) == 647 and d.labels.count("benign") == 437 and d.labels.count("malignant") == 210
-    assert all(m.sum() > 0 for m in d.masks) and set(d.masks.unique().tolist()) == {0, 1}
-    multi = 0
-    for i, name in enumerate(d.names):  # recompute every multi-mask union independently
-        cls, file = name.split("/")
-        stem = file[:-4]
-        files = [f for f in os.listdir(os.path.join(BUSI_DIR, cls)) if f.startswith(stem + "_mask")]
-        if len(files) > 1:
-            multi += 1
-            union = np.zeros_like(np.asarray(Image.open(os.path.join(BUSI_DIR, cls, files[0])).convert("L")))
-            for f in files:
-                union |= np.asarray(Image.open(os.path.join(BUSI_DIR, cls, f)).convert("L"))
-            want = np.asarray(Image.fromarray(union).resize((64, 64), Image.NEAREST)) > 127
-            assert np.array_equal(d.masks[i, 0].numpy() == 1, want), name
-    assert multi == 17
-    assert len(data.load_busi(BUSI_DIR, ("benign", "malignant", "normal"), 32)) == 780
+STUDY_TINY = ["--data", "phantom", "--phantom_count", "24", "--size", "32", "--teacher_width", "4",
+        "--student_width", "2", "--epochs", "1", "--batch_size", "8", "--folds", "2",
+        "--device", "cpu", "--amp", "off", "--pictures", "2"]
 
 
-@needs_busi
-def test_busi_duplicates_never_straddle_a_split():
-    d = data.load_busi(BUSI_DIR, size=32)
-    i, j = d.names.index("benign/benign (433).png"), d.names.index("malignant/malignant (145).png")
-    assert d.hashes[i] == d.hashes[j]
-    groups = {}
-    for k, h in enumerate(d.hashes):
-        groups.setdefault(h, []).append(k)
-    dups = [g for g in groups.values() if len(g) > 1]
-    for s in data.make_splits(d.labels, d.hashes, 3, 0, 0.15):
-        for g in dups:
-            assert any(set(g) <= set(s[p]) for p in ("train", "val", "test"))
+# ----------------------------------------------------------------------------- study: the paired test and the table
+
+def test_permutation_test_worked_by_hand():
+    # d = a - b = [1, 2, -0.5], observed sum 2.5 (mean 5/6). The 2^3 = 8 sign patterns' sums:
+    #   +1 +2 +0.5 =  3.5    +1 +2 -0.5 =  2.5    +1 -2 +0.5 = -0.5    +1 -2 -0.5 = -1.5
+    #   -1 +2 +0.5 =  1.5    -1 +2 -0.5 =  0.5    -1 -2 +0.5 = -2.5    -1 -2 -0.5 = -3.5
+    # |sum| >= 2.5 for 3.5, 2.5, -2.5, -3.5: 4 of 8, so the exact p is 0.5.
+    assert study.paired_permutation_test([1, 2, -0.5], [0, 0, 0]) == 0.5
+    assert study.paired_permutation_test([1.1, 2.3, 0.2], [0.1, 0.3, 0.7]) == pytest.approx(0.5)  # same d
+    # d = [1, 2, 3]: only all-plus (6) and all-minus (-6) reach |sum| 6: p = 2/8.
+    assert study.paired_permutation_test([1, 2, 3], [0, 0, 0]) == 0.25
 
 
-@needs_busi
-def test_committed_busi_split_is_the_one_made_here():
-    """results/busi_split_seed0.json is what --data_seed 0 makes from BUSI: anyone can test on our parts."""
-    d = data.load_busi(BUSI_DIR, size=32)
-    made = data.make_splits(d.labels, d.hashes, 3, 0, 0.15)
-    path = os.path.join(HERE, "results", "busi_split_seed0.json")
-    assert runs.load_splits(path, d, 3) == made
-    assert json.load(open(path))["images"] == 647
+def test_permutation_test_edges_and_monte_carlo():
+    a = np.random.default_rng(1).random(30)
+    assert study.paired_permutation_test(a[:5], a[:5]) == 1.0       # identical, exact
+    assert study.paired_permutation_test(a, a) == 1.0               # identical, 30 pairs: Monte Carlo
+    assert study.paired_permutation_test([], []) == 1.0
+    # 30 differences all +1: no random pattern but all-plus/all-minus (odds 2^-29) reaches |sum| 30,
+    # so p = (0 + 1) / (n_perm + 1).
+    assert study.paired_permutation_test(np.ones(30), np.zeros(30), n_perm=999) == 1 / 1000
+    b = a + np.random.default_rng(2).normal(0, 0.3, 30)
+    p = study.paired_permutation_test(a, b, seed=3)
+    assert p == study.paired_permutation_test(a, b, seed=3)  # fixed seed: repeatable
+    # 21 pairs: Monte Carlo, against the exact p of all 2^21 sign patterns, enumerated by their bits
+    d, hits = (a - b)[:21], 0
+    for start in range(0, 2 ** 21, 2 ** 17):
+        bits = (np.arange(start, start + 2 ** 17)[:, None] >> np.arange(21)) & 1
+        hits += int(np.sum(np.abs((2 * bits - 1) @ d) >= abs(d.sum()) - 1e-9))
+    exact = hits / 2 ** 21
+    assert abs(study.paired_permutation_test(a[:21], b[:21], n_perm=20000, seed=3) - exact) < 0.015
 
 
-@needs_busi
-def test_busi_near_copies_never_straddle_the_committed_split():
-    """results/busi_split_neardup_seed0.json is what the scripts' defaults make from BUSI, and no two
-    images whose thumbnails correlate above 0.95 sit in different parts of any fold."""
-    d = data.load_busi(BUSI_DIR, size=32)
-    path = os.path.join(HERE, "results", "busi_split_neardup_seed0.json")
-    groups = data.near_duplicate_groups(d.thumbnails, d.hashes, 0.95)
-    splits = runs.load_splits(path, d, 3)
-    assert splits == data.make_splits(d.labels, groups, 3, 0, 0.15)
-    r = np.corrcoef(d.thumbnails.flatten(1).double().numpy())
-    close = [(i, j) for i, j in zip(*np.nonzero(r > 0.95)) if i < j]
-    assert len(close) > 100  # BUSI's near-copies
-    for s in splits:
-        part = {i: p for p in ("train", "val", "test") for i in s[p]}
-        assert all(part[i] == part[j] for i, j in close)
+def test_t_quantile_and_paired_interval():
+    for df, t in ((1, 12.706), (2, 4.303), (8, 2.306), (30, 2.042)):  # a printed t table, 0.975 column
+        assert kd.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    d = [1.0, 2.0, 3.0, 6.0]  # mean 3, sd sqrt(14/3), t(0.975, 3) = 3.182
+    mean, low, high = kd.paired_interval(d)
+    half = 3.1824 * math.sqrt(14 / 3) / 2
+    assert mean == 3.0 and low == pytest.approx(3 - half, abs=1e-3) and high == pytest.approx(3 + half, abs=1e-3)
+    assert kd.paired_interval([0.5]) == (0.5, None, None)
+    assert study.verdict((1, 0.1, 2)) == "above 0" and study.verdict((-1, -2, -0.1)) == "below 0"
+    assert study.verdict((0.5, -0.1, 1.1)) == "too close to call"
 
 
-@needs_busi
-def test_committed_benchmark_split_is_the_one_made_from_its_lists():
-    """results/busi_benchmark_split_seed0.json: the public benchmark's three splits as --split reads them."""
-    lists = os.path.join(os.path.dirname(os.path.abspath(BUSI_DIR)), "busi_benchmark_splits")
-    if not os.path.isdir(lists):
-        pytest.skip("the benchmark's name lists are not beside BUSI_DIR")
-    d = data.load_busi(BUSI_DIR, size=32)
-    committed = runs.load_splits(os.path.join(HERE, "results", "busi_benchmark_split_seed0.json"), d, 3)
-    assert committed == runs.load_splits(lists, d, 3, 0.15, 0)
-    assert [len(s["test"]) for s in committed] == [195] * 3
+def test_p_values_at_the_monte_carlo_floor_are_printed_as_a_bound():
+    assert study._p(1 / 10001, 10000) == "< 1e-04" and study._p(2 / 10001, 10000) == "2.0e-04"
+    assert study._p(0.25, 10000) == "0.2500" and study._p(None, 10000) == "—"
 
 
-# ----------------------------------------------------------------------------- bench.py and predict.py
+def test_summary_pairs_runs_by_fold_and_seed():
+    def rec(row, fold, seed, dice):
+        names = [f"f{fold}/img{i}" for i in range(len(dice))]
+        return dict(row=row, fold=fold, seed=seed, dice=float(np.mean(dice)), val_dice=0.5, iou=0.5,
+                    per_image_dice=dice, names=names, parameters=10, train_seconds=2.0, precision="fp32",
+                    epoch=10 if row == "Teacher" and seed == 1 else 5, argv=["--epochs", "10"])
+    rng = np.random.default_rng(0)
+    keys = [(f, s) for f in (0, 1) for s in (0, 1)]
+    base = {k: list(rng.random(12)) for k in keys}
+    shift = {(0, 0): 0.10, (0, 1): 0.20, (1, 0): 0.30, (1, 1): 0.40}  # the distilled row's gain per run
+    records = {}
+    for k in keys:
+        records[("Teacher",) + k] = rec("Teacher", *k, [x + 0.5 for x in base[k]])
+        records[("Student",) + k] = rec("Student", *k, base[k])
+        records[("L_KLD",) + k] = rec("L_KLD", *k, [x + shift[k] for x in base[k]])
+    summary = study.summarise(records, ["Teacher", "Student", "L_KLD"], n_perm=999, perm_seed=0)
+    s = summary["L_KLD"]
+    assert s["runs"] == 4 and s["folds"] == [0, 1] and s["seeds"] == [0, 1]
+    mean, low, high = s["gain"]
+    assert mean == pytest.approx(0.25)
+    half = kd.t_quantile(0.975, 3) * np.std(list(shift.values()), ddof=1) / 2
+    assert low == pytest.approx(0.25 - half) and high == pytest.approx(0.25 + half)
+    assert s["gain_by_fold"] == pytest.approx({0: 0.15, 1: 0.35}) and s["gain_by_seed"] == pytest.approx({0: 0.2, 1: 0.3})
+    share, lo, hi = s["share_of_lead"]  # gains 0.1-0.4 of a lead of 0.5 in every pair
+    assert s["teacher_lead"] == pytest.approx(0.5) and share == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
+    # images matched by fold and name, each averaged over the two seeds: 24 images, not 48 image-seed pairs
+    assert s["pairs_vs_student"] == 24 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
+    mine, theirs = study.per_image_means(records, "L_KLD", "Student")
+    assert mine[0] == pytest.approx(np.mean([base[0, 0][0] + 0.1, base[0, 1][0] + 0.2]))
+    assert theirs[0] == pytest.approx(np.mean([base[0, 0][0], base[0, 1][0]]))
+    assert summary["Teacher"]["late_best"] == 2 and s["late_best"] == 0  # kept epoch 10 of 10: still improving
+    assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
+    table = study.format_table(summary, study.options().parse_args(["--n_perm", "999"]))
+    assert "| L_KLD | 4 |" in table and "| +15.00 / +35.00; +20.00 / +30.00 |" in table and "| < 1e-03 |" in table
+    # a row distilled on fold 0 only: its share is of its teacher's lead on fold 0, not on every fold
+    for k in keys:
+        records[("Teacher_WAug",) + k] = rec("Teacher_WAug", *k, [x + (0.2 if k[0] == 0 else 0.6) for x in base[k]])
+        if k[0] == 0:
+            records[("L_KLD_WAug_Ens3",) + k] = rec("L_KLD_WAug_Ens3", *k, [x + 0.1 for x in base[k]])
+    ens = study.summarise(records, ["Teacher_WAug", "Student", "L_KLD_WAug_Ens3"], 99, 0)["L_KLD_WAug_Ens3"]
+    assert ens["teacher_lead"] == pytest.approx(0.2) and ens["share_of_lead"][0] == pytest.approx(0.5)
+    # a class teacher, tested on half the images: its gain is over the student alone on that half
+    for k in keys:
+        records[("Teacher_benign",) + k] = dict(rec("Teacher_benign", *k, [0.9] * 6), names=records[("Student",) + k]["names"][:6])
+    half = study.summarise(records, ["Teacher_benign", "Student"], n_perm=99, perm_seed=0)["Teacher_benign"]["gain"]
+    assert half[0] == pytest.approx(0.9 - np.mean([np.mean(base[k][:6]) for k in keys]))
+
+
+# ----------------------------------------------------------------------------- study: end to end
+
+def test_study_end_to_end_resumes_and_draws(tmp_path):
+    out = str(tmp_path / "study")
+    res = study.main(STUDY_TINY + ["--out", out])
+    # Table 4's 14 rows, 3 more teachers, 5 more methods; not the ensemble row, which needs seeds 0-2
+    assert len(res["ran"]) == 2 * (len(study.ROWS) - 1) == 2 * 22
+    table = open(os.path.join(out, "table.md")).read()
+    for row in [r for r in study.ROWS if "ensemble" not in study.ROWS[r]]:
+        assert f"| {row} |" in table or f"| {row}* |" in table
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    ps = [s[k] for s in rows.values() for k in ("p_vs_teacher", "p_vs_student") if s[k] is not None]
+    assert len(ps) == 2 * 22 - 2  # every row against Teacher and Student, but each against itself
+    t2kd = json.load(open(os.path.join(out, "fold0", "seed0", "T2KD.json")))
+    benign, malignant = (json.load(open(os.path.join(out, "fold0", "seed0", f"Teacher_{c}.json"))) for c in ("benign", "malignant"))
+    assert t2kd["teacher_sha1"] == benign["sha1"] + "+" + malignant["sha1"]
+    assert "--class_teachers" in t2kd["argv"] and t2kd["argv"][t2kd["argv"].index("--sup") + 1] == "wb"
+    run = json.load(open(os.path.join(out, "fold0", "seed0", "L_KLD_WAug.json")))
+    assert run["argv"][run["argv"].index("--teacher") + 1].endswith("Teacher_WAug.pt")
+    assert len(run["per_image_dice"]) == len(run["names"]) == 12 and run["precision"] == "fp32"
+    teacher = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher_WAug.json")))
+    assert run["teacher_sha1"] == teacher["sha1"] == runs.file_hash(os.path.join(out, "fold0", "seed0", "Teacher_WAug.pt"))
+
+    # resumed: nothing re-runs, no JSON is rewritten, the table is the same
+    jsons = glob.glob(os.path.join(out, "fold*", "seed*", "*.json"))
+    mtimes = {p: os.path.getmtime(p) for p in jsons}
+    again = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])
+    assert again["ran"] == [] and again["table"] == res["table"]
+    assert {p: os.path.getmtime(p) for p in jsons} == mtimes
+    # the records alone print the table: no checkpoint is needed when nothing must run
+    for p in glob.glob(os.path.join(out, "fold1", "seed0", "*.pt")):
+        os.remove(p)
+    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == []
+    # --table_only trains nothing and prints the table of the records there are
+    only = study.main(STUDY_TINY + ["--out", out, "--pictures", "0", "--table_only", "--seeds", "0,1"])
+    assert only["ran"] == [] and only["table"] == res["table"]
+    # a run killed before its record was written runs again, and only it
+    os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
+    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == [("H_MSE", 0, 0)]
+    # a student whose teacher checkpoint is gone needs it again: the teacher is retrained, and every
+    # student made from the old one runs again (their records name the old checkpoint)
+    os.remove(os.path.join(out, "fold1", "seed0", "L_MSE_WAug.json"))
+    ran = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"]
+    assert ran == [("Teacher_WAug", 1, 0)] + [(r, 1, 0) for r in study.ROWS if study.ROWS[r].get("teacher") == "Teacher_WAug"
+                                                  and "ensemble" not in study.ROWS[r]]
+    # other options in the same folder: refused, not mixed in; nor another precision for a new run
+    with pytest.raises(UserError, match="--epochs"):
+        study.main(STUDY_TINY + ["--out", out, "--epochs", "2"])
+    os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
+    with pytest.raises(UserError, match="ran in fp32, this call would run H_MSE fold 0 seed 0 in bf16"):
+        study.main(STUDY_TINY + ["--out", out, "--amp", "bf16"])
+
+    tile = max(32, study.TILE_MIN)  # 5 columns, 2 images, a title line
+    size = (5 * (tile + study.PAD) + study.PAD, study.TITLE + 2 * (tile + study.PAD) + study.PAD)
+    assert Image.open(os.path.join(out, "pictures.png")).size == size
+
+
+def test_study_seeds_are_paired_runs(tmp_path):
+    out = str(tmp_path / "s")
+    words = STUDY_TINY + ["--out", out, "--fold_list", "0", "--seeds", "0,1", "--rows", "Student,L_KLD", "--pictures", "0"]
+    res = study.main(words)
+    assert sorted(res["ran"]) == sorted((r, 0, s) for r in ("Teacher", "Student", "L_KLD") for s in (0, 1))
+    s0 = json.load(open(os.path.join(out, "fold0", "seed0", "L_KLD.json")))
+    s1 = json.load(open(os.path.join(out, "fold0", "seed1", "L_KLD.json")))
+    assert s0["argv"][s0["argv"].index("--seed") + 1] == "0" and s1["argv"][s1["argv"].index("--seed") + 1] == "1"
+    assert res["summary"]["L_KLD"]["runs"] == 2 and res["summary"]["L_KLD"]["gain"][1] is not None
+    assert "seeds 0,1" in res["table"]
+
+    # --ensembles: each seed's model scores what its record says, and the ensemble is the mean of
+    # the seeds' logits, thresholded, worked out here by hand
+    ens = study.main(words + ["--ensembles"])["ensembles"]
+    assert list(ens) == ["Teacher", "Student"] and ens["Teacher"][0]["fold"] == 0
+    for row in ("Teacher", "Student"):
+        recs = [json.load(open(os.path.join(out, "fold0", f"seed{s}", f"{row}.json"))) for s in (0, 1)]
+        assert ens[row][0]["val"]["each"] == pytest.approx([r["val_dice"] for r in recs], abs=1e-6)
+        assert ens[row][0]["test"]["each"] == pytest.approx([r["dice"] for r in recs], abs=1e-6)
+    # two teachers that disagree, one calling half the test pixels lesion, the other a tenth (a
+    # one-epoch teacher calls none): their ensemble differs from both
+    paths = [os.path.join(out, "fold0", f"seed{s}", "Teacher.pt") for s in (0, 1)]
+    d, _ = runs.load_split_data(train_teacher.options().parse_args(STUDY_TINY[:6] + ["--folds", "2"]))
+    test = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher.json")))["names"]
+    x, y = kd.batch(d.images, d.masks, torch.as_tensor([d.names.index(n) for n in test]))
+    logits, mirrored = [], []
+    for path, share in zip(paths, (0.5, 0.1)):
+        ckpt = torch.load(path, weights_only=True)
+        with torch.no_grad():
+            model = runs.build_model(ckpt).eval()
+            z = model(x)
+            margin = z[:, 1] - z[:, 0]  # lesion where >= 0
+            shift = torch.stack([torch.zeros(()), -margin.flatten().quantile(1 - share)]).view(1, 2, 1, 1)
+            mirrored.append((z + model(x.flip(-1)).flip(-1)) / 2 + shift)  # the mirror image, mirrored back
+        ckpt["model"]["head.bias"] += shift.flatten()
+        torch.save(ckpt, path)
+        logits.append(z + shift)
+    each, mean = [kd.dice_iou(kd.lesion_mask(z), y)[0] for z in logits], kd.dice_iou(kd.lesion_mask(sum(logits) / 2), y)[0]
+    assert not torch.equal(mean, each[0]) and not torch.equal(mean, each[1])
+    flipped = [kd.dice_iou(kd.lesion_mask(z), y)[0].mean().item() for z in mirrored]
+    assert flipped != pytest.approx([d.mean().item() for d in each], abs=1e-6)  # the mirror view changes something
+    ens = study.main(words + ["--ensembles"])["ensembles"]
+    assert ens["Teacher"][0]["test"]["per_image_dice"] == pytest.approx(mean.tolist(), abs=1e-6)
+    assert ens["Teacher"][0]["test"]["flipped"] == pytest.approx(flipped, abs=1e-6)
+    assert json.load(open(os.path.join(out, "ensembles_fold0_seed0-1.json")))["rows"]["Teacher"][0]["test"]["names"] == test
+    for s in (0, 1):
+        os.remove(os.path.join(out, "fold0", f"seed{s}", "Student.pt"))
+        os.remove(os.path.join(out, "fold0", f"seed{s}", "Teacher.pt"))
+    with pytest.raises(UserError, match="no row has checkpoints of every seed 0,1"):
+        study.main(words + ["--ensembles"])
+
+
+def test_study_ensemble_row_distils_every_seeds_teacher(tmp_path):
+    out = str(tmp_path / "s")
+    words = STUDY_TINY + ["--out", out, "--fold_list", "0", "--rows", "L_KLD_WAug_Ens3", "--pictures", "0"]
+    with pytest.raises(UserError, match="--rows L_KLD_WAug_Ens3: it distils the ensemble of seeds 0,1,2"):
+        study.main(words + ["--seeds", "0,1"])
+    res = study.main(words + ["--seeds", "0,1,2"])
+    teachers = [(t, 0, s) for s in (0, 1, 2) for t in ("Teacher", "Teacher_WAug")]
+    assert sorted(res["ran"]) == sorted(teachers + [(r, 0, s) for s in (0, 1, 2) for r in ("Student", "L_KLD_WAug_Ens3")])
+    assert res["ran"][-3:] == [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]  # after every seed's teachers
+    folder = lambda s: os.path.join(out, "fold0", f"seed{s}")
+    sha1 = [json.load(open(os.path.join(folder(s), "Teacher_WAug.json")))["sha1"] for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        rec = json.load(open(os.path.join(folder(s), "L_KLD_WAug_Ens3.json")))
+        assert rec["argv"][rec["argv"].index("--teacher") + 1] == ",".join(
+            os.path.join(folder(k), "Teacher_WAug.pt") for k in (0, 1, 2))
+        assert rec["argv"][rec["argv"].index("--seed") + 1] == str(s) and rec["teacher_sha1"] == "+".join(sha1)
+    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == []
+    # one member teacher trained again: the ensemble students of every seed run again, the others not
+    os.remove(os.path.join(folder(1), "Teacher_WAug.json"))
+    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [("Teacher_WAug", 0, 1)] + [
+        ("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
+    # a single-seed student to run again whose teacher's checkpoint is gone: that teacher trains
+    # again, which makes the ensemble students run again, and they need the other seeds' teachers,
+    # whose checkpoints are gone too: all three train again, before the ensemble students run
+    words[words.index("--rows") + 1] = "L_KLD_WAug,L_KLD_WAug_Ens3"
+    study.main(words + ["--seeds", "0,1,2"])
+    os.remove(os.path.join(folder(0), "L_KLD_WAug.json"))
+    for s in (0, 1, 2):
+        os.remove(os.path.join(folder(s), "Teacher_WAug.pt"))
+    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [
+        (r, 0, s) for s in (0, 1, 2) for r in ("Teacher_WAug", "L_KLD_WAug")] + [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
+                                            (["--folds", "1"], "--folds 1: must be at least 2"),
+                                            (["--epochs", "0"], "--epochs 0: must be at least 1")])
+def test_bad_options_are_one_line_errors(tmp_path, words, message):
+    with pytest.raises(UserError, match=message):
+        study.main(STUDY_TINY + ["--out", str(tmp_path)] + words)
+
+
+# ----------------------------------------------------------------------------- predict and export: shared set-ups
 
 RESULT = re.compile(r"^RESULT model=(\w+) device=(\w+) metric=(\w+) value=(\S+)$")
-
-
-def randomise_batchnorm(model, seed=0):
-    """Give every BatchNorm non-trivial statistics and affine parameters, so folding is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -1543,62 +1724,7 @@ def image_files(tmp_path):
     return files
 
 
-# ----------------------------------------------------------------------------- bench.py
-
-@on_devices
-def test_bench_results_positive_and_finite(capsys, device):
-    results = bench.main(["--device", device, "--size", "32", "--teacher_width", "4", "--student_width", "2",
-                          "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile", "--methods"])
-    out = capsys.readouterr().out
-    assert f"profile of 20 fast single-frame calls on {device}" in out and "aten::" in out  # the profiler's table
-    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    parsed = {}
-    for line in lines:
-        m = RESULT.match(line)
-        assert m, f"malformed line: {line!r}"
-        parsed[m.group(1), m.group(2), m.group(3)] = float(m.group(4))
-    for who in ("teacher", "student"):
-        for metric in ("train_img_s", "train_tflops", "data_pct", "infer_ms_fp32", "infer_ms_fast", "fwd_gflop"):
-            assert (who, device, metric) in parsed, f"no {metric} for the {who}"
-    assert ("student", device, "infer_speedup_vs_teacher") in parsed
-    for method in bench.METHODS:  # every method's distillation step, train_student.py's own
-        assert ("student", device, f"step_ms_{method}") in parsed
-    assert all(v > 0 for v in parsed.values()), parsed  # n/a (no value) is printed as such, not as a number
-    if device == "cpu":
-        assert ("teacher", "cpu", "train_peak_pct") not in parsed  # CPU peak unknown without --peak_tflops
-    assert results[device]["teacher"]["train_img_s"] == pytest.approx(parsed["teacher", device, "train_img_s"], rel=1e-4)
-
-
-def test_bench_bad_option_is_a_user_error():
-    with pytest.raises(data.UserError, match="--device"):
-        bench.main(["--device", "nonsense"])
-    with pytest.raises(data.UserError, match="--steps"):
-        bench.main(["--steps", "0"])
-
-
-def test_conv_flops_hand_count():
-    size = 10
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),             # out 8 x 10 x 10
-                          nn.ConvTranspose2d(8, 4, 2, stride=2),     # in 8 x 10 x 10 -> out 4 x 20 x 20
-                          nn.Conv2d(4, 8, 3, groups=2))              # out 8 x 18 x 18, 2 input channels each
-    expected = 2 * (8 * 10 * 10 * 3 * 9 + 8 * 10 * 10 * 4 * 4 + 8 * 18 * 18 * 2 * 9)
-    assert bench.conv_flops(model, size) == expected
-
-
-@pytest.mark.parametrize("width,size", [(1, 16), (3, 32)])
-def test_conv_flops_unet_formula(width, size):
-    c = [width * 2 ** i for i in range(5)]
-    r = [size // 2 ** i for i in range(5)]
-    conv3 = lambda cin, cout, res: 2 * res * res * 9 * cin * cout
-    flops = conv3(1, c[0], r[0]) + conv3(c[0], c[0], r[0])                               # inc
-    flops += sum(conv3(c[i], c[i + 1], r[i + 1]) + conv3(c[i + 1], c[i + 1], r[i + 1]) for i in range(4))
-    flops += sum(2 * c[i + 1] * r[i + 1] ** 2 * c[i] * 4                                   # transposed 2x2
-                 + conv3(2 * c[i], c[i], r[i]) + conv3(c[i], c[i], r[i]) for i in range(4))
-    flops += 2 * r[0] ** 2 * c[0] * 2                                                       # 1x1 head, 2 classes
-    assert bench.conv_flops(UNet(width), size) == flops
-
-
-# ----------------------------------------------------------------------------- fast inference
+# ----------------------------------------------------------------------------- predict and export: fast inference
 
 def test_fused_fp32_equals_plain():
     torch.manual_seed(0)
@@ -1644,7 +1770,7 @@ def test_fast_bf16_masks_match_fp32_trained(teacher_ckpt):
     assert (pred == ref).float().mean().item() > 0.995
 
 
-# ----------------------------------------------------------------------------- predict.py
+# ----------------------------------------------------------------------------- predict and export: predict.py
 
 def test_preprocessing_matches_training(tmp_path, image_files):
     """predict.preprocess gives the very tensor training gives for the same file (load_folder + kd.batch)."""
@@ -1686,7 +1812,7 @@ def test_predict_refuses_bad_inputs(tmp_path, teacher_ckpt, image_files):
         predict.main(ck + [str(tmp_path / "empty")])
     with pytest.raises(data.UserError, match="no input images"):
         predict.main(ck)
-    with pytest.raises(data.UserError, match="not a checkpoint of this project|file not found"):
+    with pytest.raises(data.UserError, match="nope.pt: file not found; train one with"):
         predict.main(["--checkpoint", str(tmp_path / "nope.pt"), str(image_files[0])])
 
 
@@ -1855,249 +1981,132 @@ def test_predict_export_bad_name_one_line_error(tmp_path, teacher_ckpt):
     assert not (tmp_path / "model.onnx").exists()
 
 
-# ----------------------------------------------------------------------------- study.py
+# ----------------------------------------------------------------------------- bench.py
 
-STUDY_TINY = ["--data", "phantom", "--phantom_count", "24", "--size", "32", "--teacher_width", "4",
-        "--student_width", "2", "--epochs", "1", "--batch_size", "8", "--folds", "2",
-        "--device", "cpu", "--amp", "off", "--pictures", "2"]
-
-
-# ----------------------------------------------------------------------------- the paired test
-
-def test_permutation_test_worked_by_hand():
-    # d = a - b = [1, 2, -0.5], observed sum 2.5 (mean 5/6). The 2^3 = 8 sign patterns' sums:
-    #   +1 +2 +0.5 =  3.5    +1 +2 -0.5 =  2.5    +1 -2 +0.5 = -0.5    +1 -2 -0.5 = -1.5
-    #   -1 +2 +0.5 =  1.5    -1 +2 -0.5 =  0.5    -1 -2 +0.5 = -2.5    -1 -2 -0.5 = -3.5
-    # |sum| >= 2.5 for 3.5, 2.5, -2.5, -3.5: 4 of 8, so the exact p is 0.5.
-    assert study.paired_permutation_test([1, 2, -0.5], [0, 0, 0]) == 0.5
-    assert study.paired_permutation_test([1.1, 2.3, 0.2], [0.1, 0.3, 0.7]) == pytest.approx(0.5)  # same d
-    # d = [1, 2, 3]: only all-plus (6) and all-minus (-6) reach |sum| 6: p = 2/8.
-    assert study.paired_permutation_test([1, 2, 3], [0, 0, 0]) == 0.25
-
-
-def test_permutation_test_edges_and_monte_carlo():
-    a = np.random.default_rng(1).random(30)
-    assert study.paired_permutation_test(a[:5], a[:5]) == 1.0       # identical, exact
-    assert study.paired_permutation_test(a, a) == 1.0               # identical, 30 pairs: Monte Carlo
-    assert study.paired_permutation_test([], []) == 1.0
-    # 30 differences all +1: no random pattern but all-plus/all-minus (odds 2^-29) reaches |sum| 30,
-    # so p = (0 + 1) / (n_perm + 1).
-    assert study.paired_permutation_test(np.ones(30), np.zeros(30), n_perm=999) == 1 / 1000
-    b = a + np.random.default_rng(2).normal(0, 0.3, 30)
-    p = study.paired_permutation_test(a, b, seed=3)
-    assert 0 < p <= 1 and p == study.paired_permutation_test(a, b, seed=3)  # fixed seed: repeatable
+@on_devices
+def test_bench_results_positive_and_finite(capsys, device):
+    results = bench.main(["--device", device, "--size", "32", "--teacher_width", "4", "--student_width", "2",
+                          "--batch_size", "4", "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile", "--methods"])
+    out = capsys.readouterr().out
+    assert f"profile of 20 fast single-frame calls on {device}" in out and "aten::" in out  # the profiler's table
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    parsed = {}
+    for line in lines:
+        m = RESULT.match(line)
+        assert m, f"malformed line: {line!r}"
+        parsed[m.group(1), m.group(2), m.group(3)] = float(m.group(4))
+    for who in ("teacher", "student"):
+        for metric in ("train_img_s", "train_tflops", "data_pct", "infer_ms_fp32", "infer_ms_fast", "fwd_gflop"):
+            assert (who, device, metric) in parsed, f"no {metric} for the {who}"
+    assert ("student", device, "infer_speedup_vs_teacher") in parsed
+    for method in bench.METHODS:  # every method's distillation step, train_student.py's own
+        assert ("student", device, f"step_ms_{method}") in parsed
+    assert all(v > 0 for v in parsed.values()), parsed  # n/a (no value) is printed as such, not as a number
+    if device == "cpu":
+        assert ("teacher", "cpu", "train_peak_pct") not in parsed  # CPU peak unknown without --peak_tflops
+    assert results[device]["teacher"]["train_img_s"] == pytest.approx(parsed["teacher", device, "train_img_s"], rel=1e-4)
 
 
-def test_t_quantile_and_paired_interval():
-    for df, t in ((1, 12.706), (2, 4.303), (8, 2.306), (30, 2.042)):  # a printed t table, 0.975 column
-        assert kd.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
-    d = [1.0, 2.0, 3.0, 6.0]  # mean 3, sd sqrt(14/3), t(0.975, 3) = 3.182
-    mean, low, high = kd.paired_interval(d)
-    half = 3.1824 * math.sqrt(14 / 3) / 2
-    assert mean == 3.0 and low == pytest.approx(3 - half, abs=1e-3) and high == pytest.approx(3 + half, abs=1e-3)
-    assert kd.paired_interval([0.5]) == (0.5, None, None)
-    assert study.verdict((1, 0.1, 2)) == "above 0" and study.verdict((-1, -2, -0.1)) == "below 0"
-    assert study.verdict((0.5, -0.1, 1.1)) == "too close to call"
+def test_bench_bad_option_is_a_user_error():
+    with pytest.raises(data.UserError, match="--device"):
+        bench.main(["--device", "nonsense"])
+    with pytest.raises(data.UserError, match="--steps"):
+        bench.main(["--steps", "0"])
 
 
-def test_p_values_at_the_monte_carlo_floor_are_printed_as_a_bound():
-    assert study._p(1 / 10001, 10000) == "< 1e-04" and study._p(2 / 10001, 10000) == "2.0e-04"
-    assert study._p(0.25, 10000) == "0.2500" and study._p(None, 10000) == "—"
+def test_conv_flops_hand_count():
+    size = 10
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),             # out 8 x 10 x 10
+                          nn.ConvTranspose2d(8, 4, 2, stride=2),     # in 8 x 10 x 10 -> out 4 x 20 x 20
+                          nn.Conv2d(4, 8, 3, groups=2))              # out 8 x 18 x 18, 2 input channels each
+    expected = 2 * (8 * 10 * 10 * 3 * 9 + 8 * 10 * 10 * 4 * 4 + 8 * 18 * 18 * 2 * 9)
+    assert bench.conv_flops(model, size) == expected
 
 
-def test_summary_pairs_runs_by_fold_and_seed():
-    def rec(row, fold, seed, dice):
-        names = [f"f{fold}/img{i}" for i in range(len(dice))]
-        return dict(row=row, fold=fold, seed=seed, dice=float(np.mean(dice)), val_dice=0.5, iou=0.5,
-                    per_image_dice=dice, names=names, parameters=10, train_seconds=2.0, precision="fp32",
-                    epoch=10 if row == "Teacher" and seed == 1 else 5, argv=["--epochs", "10"])
-    rng = np.random.default_rng(0)
-    keys = [(f, s) for f in (0, 1) for s in (0, 1)]
-    base = {k: list(rng.random(12)) for k in keys}
-    shift = {(0, 0): 0.10, (0, 1): 0.20, (1, 0): 0.30, (1, 1): 0.40}  # the distilled row's gain per run
-    records = {}
-    for k in keys:
-        records[("Teacher",) + k] = rec("Teacher", *k, [x + 0.5 for x in base[k]])
-        records[("Student",) + k] = rec("Student", *k, base[k])
-        records[("L_KLD",) + k] = rec("L_KLD", *k, [x + shift[k] for x in base[k]])
-    summary = study.summarise(records, ["Teacher", "Student", "L_KLD"], n_perm=999, perm_seed=0)
-    s = summary["L_KLD"]
-    assert s["runs"] == 4 and s["folds"] == [0, 1] and s["seeds"] == [0, 1]
-    mean, low, high = s["gain"]
-    assert mean == pytest.approx(0.25)
-    half = kd.t_quantile(0.975, 3) * np.std(list(shift.values()), ddof=1) / 2
-    assert low == pytest.approx(0.25 - half) and high == pytest.approx(0.25 + half)
-    assert s["gain_by_fold"] == pytest.approx({0: 0.15, 1: 0.35}) and s["gain_by_seed"] == pytest.approx({0: 0.2, 1: 0.3})
-    share, lo, hi = s["share_of_lead"]  # gains 0.1-0.4 of a lead of 0.5 in every pair
-    assert s["teacher_lead"] == pytest.approx(0.5) and share == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
-    # images matched by fold and name, each averaged over the two seeds: 24 images, not 48 image-seed pairs
-    assert s["pairs_vs_student"] == 24 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
-    mine, theirs = study.per_image_means(records, "L_KLD", "Student")
-    assert mine[0] == pytest.approx(np.mean([base[0, 0][0] + 0.1, base[0, 1][0] + 0.2]))
-    assert theirs[0] == pytest.approx(np.mean([base[0, 0][0], base[0, 1][0]]))
-    assert summary["Teacher"]["late_best"] == 2 and s["late_best"] == 0  # kept epoch 10 of 10: still improving
-    assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
-    table = study.format_table(summary, study.options().parse_args(["--n_perm", "999"]))
-    assert "| L_KLD | 4 |" in table and "| +15.00 / +35.00; +20.00 / +30.00 |" in table and "| < 1e-03 |" in table
-    # a row distilled on fold 0 only: its share is of its teacher's lead on fold 0, not on every fold
-    for k in keys:
-        records[("Teacher_WAug",) + k] = rec("Teacher_WAug", *k, [x + (0.2 if k[0] == 0 else 0.6) for x in base[k]])
-        if k[0] == 0:
-            records[("L_KLD_WAug_Ens3",) + k] = rec("L_KLD_WAug_Ens3", *k, [x + 0.1 for x in base[k]])
-    ens = study.summarise(records, ["Teacher_WAug", "Student", "L_KLD_WAug_Ens3"], 99, 0)["L_KLD_WAug_Ens3"]
-    assert ens["teacher_lead"] == pytest.approx(0.2) and ens["share_of_lead"][0] == pytest.approx(0.5)
-    # a class teacher, tested on half the images: its gain is over the student alone on that half
-    for k in keys:
-        records[("Teacher_benign",) + k] = dict(rec("Teacher_benign", *k, [0.9] * 6), names=records[("Student",) + k]["names"][:6])
-    half = study.summarise(records, ["Teacher_benign", "Student"], n_perm=99, perm_seed=0)["Teacher_benign"]["gain"]
-    assert half[0] == pytest.approx(0.9 - np.mean([np.mean(base[k][:6]) for k in keys]))
+@pytest.mark.parametrize("width,size", [(1, 16), (3, 32)])
+def test_conv_flops_unet_formula(width, size):
+    c = [width * 2 ** i for i in range(5)]
+    r = [size // 2 ** i for i in range(5)]
+    conv3 = lambda cin, cout, res: 2 * res * res * 9 * cin * cout
+    flops = conv3(1, c[0], r[0]) + conv3(c[0], c[0], r[0])                               # inc
+    flops += sum(conv3(c[i], c[i + 1], r[i + 1]) + conv3(c[i + 1], c[i + 1], r[i + 1]) for i in range(4))
+    flops += sum(2 * c[i + 1] * r[i + 1] ** 2 * c[i] * 4                                   # transposed 2x2
+                 + conv3(2 * c[i], c[i], r[i]) + conv3(c[i], c[i], r[i]) for i in range(4))
+    flops += 2 * r[0] ** 2 * c[0] * 2                                                       # 1x1 head, 2 classes
+    assert bench.conv_flops(UNet(width), size) == flops
 
 
-# ----------------------------------------------------------------------------- the study, end to end
+# ----------------------------------------------------------------------------- the real BUSI
 
-def test_study_end_to_end_resumes_and_draws(tmp_path):
-    out = str(tmp_path / "study")
-    res = study.main(STUDY_TINY + ["--out", out])
-    # Table 4's 14 rows, 3 more teachers, 5 more methods; not the ensemble row, which needs seeds 0-2
-    assert len(res["ran"]) == 2 * (len(study.ROWS) - 1) == 2 * 22
-    table = open(os.path.join(out, "table.md")).read()
-    for row in [r for r in study.ROWS if "ensemble" not in study.ROWS[r]]:
-        assert f"| {row} |" in table or f"| {row}* |" in table
-    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
-    ps = [s[k] for s in rows.values() for k in ("p_vs_teacher", "p_vs_student") if s[k] is not None]
-    assert len(ps) == 2 * 22 - 2 and all(0 <= p <= 1 for p in ps)  # 24 pairs each: the Monte-Carlo test
-    t2kd = json.load(open(os.path.join(out, "fold0", "seed0", "T2KD.json")))
-    benign, malignant = (json.load(open(os.path.join(out, "fold0", "seed0", f"Teacher_{c}.json"))) for c in ("benign", "malignant"))
-    assert t2kd["teacher_sha1"] == benign["sha1"] + "+" + malignant["sha1"]
-    assert "--class_teachers" in t2kd["argv"] and t2kd["argv"][t2kd["argv"].index("--sup") + 1] == "wb"
-    run = json.load(open(os.path.join(out, "fold0", "seed0", "L_KLD_WAug.json")))
-    assert run["argv"][run["argv"].index("--teacher") + 1].endswith("Teacher_WAug.pt")
-    assert len(run["per_image_dice"]) == len(run["names"]) == 12 and run["precision"] == "fp32"
-    teacher = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher_WAug.json")))
-    assert run["teacher_sha1"] == teacher["sha1"] == runs.file_hash(os.path.join(out, "fold0", "seed0", "Teacher_WAug.pt"))
-
-    # resumed: nothing re-runs, no JSON is rewritten, the table is the same
-    jsons = glob.glob(os.path.join(out, "fold*", "seed*", "*.json"))
-    mtimes = {p: os.path.getmtime(p) for p in jsons}
-    again = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])
-    assert again["ran"] == [] and again["table"] == res["table"]
-    assert {p: os.path.getmtime(p) for p in jsons} == mtimes
-    # the records alone print the table: no checkpoint is needed when nothing must run
-    for p in glob.glob(os.path.join(out, "fold1", "seed0", "*.pt")):
-        os.remove(p)
-    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == []
-    # --table_only trains nothing and prints the table of the records there are
-    only = study.main(STUDY_TINY + ["--out", out, "--pictures", "0", "--table_only", "--seeds", "0,1"])
-    assert only["ran"] == [] and only["table"] == res["table"]
-    # a run killed before its record was written runs again, and only it
-    os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
-    assert study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"] == [("H_MSE", 0, 0)]
-    # a student whose teacher checkpoint is gone needs it again: the teacher is retrained, and every
-    # student made from the old one runs again (their records name the old checkpoint)
-    os.remove(os.path.join(out, "fold1", "seed0", "L_MSE_WAug.json"))
-    ran = study.main(STUDY_TINY + ["--out", out, "--pictures", "0"])["ran"]
-    assert ran == [("Teacher_WAug", 1, 0)] + [(r, 1, 0) for r in study.ROWS if study.ROWS[r].get("teacher") == "Teacher_WAug"
-                                                  and "ensemble" not in study.ROWS[r]]
-    # other options in the same folder: refused, not mixed in; nor another precision for a new run
-    with pytest.raises(UserError, match="--epochs"):
-        study.main(STUDY_TINY + ["--out", out, "--epochs", "2"])
-    os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
-    with pytest.raises(UserError, match="ran in fp32, this call would run H_MSE fold 0 seed 0 in bf16"):
-        study.main(STUDY_TINY + ["--out", out, "--amp", "bf16"])
-
-    tile = max(32, study.TILE_MIN)  # 5 columns, 2 images, a title line
-    size = (5 * (tile + study.PAD) + study.PAD, study.TITLE + 2 * (tile + study.PAD) + study.PAD)
-    assert Image.open(os.path.join(out, "pictures.png")).size == size
+@needs_busi
+def test_busi_counts_and_merged_masks():
+    d = data.load_busi(BUSI_DIR, size=64)
+    assert len(d) == 647 and d.labels.count("benign") == 437 and d.labels.count("malignant") == 210
+    assert all(m.sum() > 0 for m in d.masks) and set(d.masks.unique().tolist()) == {0, 1}
+    multi = 0
+    for i, name in enumerate(d.names):  # recompute every multi-mask union independently
+        cls, file = name.split("/")
+        stem = file[:-4]
+        files = [f for f in os.listdir(os.path.join(BUSI_DIR, cls)) if f.startswith(stem + "_mask")]
+        if len(files) > 1:
+            multi += 1
+            union = np.zeros_like(np.asarray(Image.open(os.path.join(BUSI_DIR, cls, files[0])).convert("L")))
+            for f in files:
+                union |= np.asarray(Image.open(os.path.join(BUSI_DIR, cls, f)).convert("L"))
+            want = np.asarray(Image.fromarray(union).resize((64, 64), Image.NEAREST)) > 127
+            assert np.array_equal(d.masks[i, 0].numpy() == 1, want), name
+    assert multi == 17
+    assert len(data.load_busi(BUSI_DIR, ("benign", "malignant", "normal"), 32)) == 780
 
 
-def test_study_seeds_are_paired_runs(tmp_path):
-    out = str(tmp_path / "s")
-    words = STUDY_TINY + ["--out", out, "--fold_list", "0", "--seeds", "0,1", "--rows", "Student,L_KLD", "--pictures", "0"]
-    res = study.main(words)
-    assert sorted(res["ran"]) == sorted((r, 0, s) for r in ("Teacher", "Student", "L_KLD") for s in (0, 1))
-    s0 = json.load(open(os.path.join(out, "fold0", "seed0", "L_KLD.json")))
-    s1 = json.load(open(os.path.join(out, "fold0", "seed1", "L_KLD.json")))
-    assert s0["argv"][s0["argv"].index("--seed") + 1] == "0" and s1["argv"][s1["argv"].index("--seed") + 1] == "1"
-    assert res["summary"]["L_KLD"]["runs"] == 2 and res["summary"]["L_KLD"]["gain"][1] is not None
-    assert "seeds 0,1" in res["table"]
-
-    # --ensembles: each seed's model scores what its record says, and the ensemble is the mean of
-    # the seeds' logits, thresholded, worked out here by hand
-    ens = study.main(words + ["--ensembles"])["ensembles"]
-    assert list(ens) == ["Teacher", "Student"] and ens["Teacher"][0]["fold"] == 0
-    for row in ("Teacher", "Student"):
-        recs = [json.load(open(os.path.join(out, "fold0", f"seed{s}", f"{row}.json"))) for s in (0, 1)]
-        assert ens[row][0]["val"]["each"] == pytest.approx([r["val_dice"] for r in recs], abs=1e-6)
-        assert ens[row][0]["test"]["each"] == pytest.approx([r["dice"] for r in recs], abs=1e-6)
-    # two teachers that disagree, one calling half the test pixels lesion, the other a tenth (a
-    # one-epoch teacher calls none): their ensemble differs from both
-    paths = [os.path.join(out, "fold0", f"seed{s}", "Teacher.pt") for s in (0, 1)]
-    d, _ = runs.load_split_data(train_teacher.options().parse_args(STUDY_TINY[:6] + ["--folds", "2"]))
-    test = json.load(open(os.path.join(out, "fold0", "seed0", "Teacher.json")))["names"]
-    x, y = kd.batch(d.images, d.masks, torch.as_tensor([d.names.index(n) for n in test]))
-    logits, mirrored = [], []
-    for path, share in zip(paths, (0.5, 0.1)):
-        ckpt = torch.load(path, weights_only=True)
-        with torch.no_grad():
-            model = runs.build_model(ckpt).eval()
-            z = model(x)
-            margin = z[:, 1] - z[:, 0]  # lesion where >= 0
-            shift = torch.stack([torch.zeros(()), -margin.flatten().quantile(1 - share)]).view(1, 2, 1, 1)
-            mirrored.append((z + model(x.flip(-1)).flip(-1)) / 2 + shift)  # the mirror image, mirrored back
-        ckpt["model"]["head.bias"] += shift.flatten()
-        torch.save(ckpt, path)
-        logits.append(z + shift)
-    each, mean = [kd.dice_iou(kd.lesion_mask(z), y)[0] for z in logits], kd.dice_iou(kd.lesion_mask(sum(logits) / 2), y)[0]
-    assert not torch.equal(mean, each[0]) and not torch.equal(mean, each[1])
-    flipped = [kd.dice_iou(kd.lesion_mask(z), y)[0].mean().item() for z in mirrored]
-    assert flipped != pytest.approx([d.mean().item() for d in each], abs=1e-6)  # the mirror view changes something
-    ens = study.main(words + ["--ensembles"])["ensembles"]
-    assert ens["Teacher"][0]["test"]["per_image_dice"] == pytest.approx(mean.tolist(), abs=1e-6)
-    assert ens["Teacher"][0]["test"]["flipped"] == pytest.approx(flipped, abs=1e-6)
-    assert json.load(open(os.path.join(out, "ensembles_fold0_seed0-1.json")))["rows"]["Teacher"][0]["test"]["names"] == test
-    for s in (0, 1):
-        os.remove(os.path.join(out, "fold0", f"seed{s}", "Student.pt"))
-        os.remove(os.path.join(out, "fold0", f"seed{s}", "Teacher.pt"))
-    with pytest.raises(UserError, match="no row has checkpoints of every seed 0,1"):
-        study.main(words + ["--ensembles"])
+@needs_busi
+def test_busi_duplicates_never_straddle_a_split():
+    d = data.load_busi(BUSI_DIR, size=32)
+    i, j = d.names.index("benign/benign (433).png"), d.names.index("malignant/malignant (145).png")
+    assert d.hashes[i] == d.hashes[j]
+    groups = {}
+    for k, h in enumerate(d.hashes):
+        groups.setdefault(h, []).append(k)
+    dups = [g for g in groups.values() if len(g) > 1]
+    for s in data.make_splits(d.labels, d.hashes, 3, 0, 0.15):
+        for g in dups:
+            assert any(set(g) <= set(s[p]) for p in ("train", "val", "test"))
 
 
-def test_study_ensemble_row_distils_every_seeds_teacher(tmp_path):
-    out = str(tmp_path / "s")
-    words = STUDY_TINY + ["--out", out, "--fold_list", "0", "--rows", "L_KLD_WAug_Ens3", "--pictures", "0"]
-    with pytest.raises(UserError, match="--rows L_KLD_WAug_Ens3: it distils the ensemble of seeds 0,1,2"):
-        study.main(words + ["--seeds", "0,1"])
-    res = study.main(words + ["--seeds", "0,1,2"])
-    teachers = [(t, 0, s) for s in (0, 1, 2) for t in ("Teacher", "Teacher_WAug")]
-    assert sorted(res["ran"]) == sorted(teachers + [(r, 0, s) for s in (0, 1, 2) for r in ("Student", "L_KLD_WAug_Ens3")])
-    assert res["ran"][-3:] == [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]  # after every seed's teachers
-    folder = lambda s: os.path.join(out, "fold0", f"seed{s}")
-    sha1 = [json.load(open(os.path.join(folder(s), "Teacher_WAug.json")))["sha1"] for s in (0, 1, 2)]
-    for s in (0, 1, 2):
-        rec = json.load(open(os.path.join(folder(s), "L_KLD_WAug_Ens3.json")))
-        assert rec["argv"][rec["argv"].index("--teacher") + 1] == ",".join(
-            os.path.join(folder(k), "Teacher_WAug.pt") for k in (0, 1, 2))
-        assert rec["argv"][rec["argv"].index("--seed") + 1] == str(s) and rec["teacher_sha1"] == "+".join(sha1)
-    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == []
-    # one member teacher trained again: the ensemble students of every seed run again, the others not
-    os.remove(os.path.join(folder(1), "Teacher_WAug.json"))
-    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [("Teacher_WAug", 0, 1)] + [
-        ("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
-    # a single-seed student to run again whose teacher's checkpoint is gone: that teacher trains
-    # again, which makes the ensemble students run again, and they need the other seeds' teachers,
-    # whose checkpoints are gone too: all three train again, before the ensemble students run
-    words[words.index("--rows") + 1] = "L_KLD_WAug,L_KLD_WAug_Ens3"
-    study.main(words + ["--seeds", "0,1,2"])
-    os.remove(os.path.join(folder(0), "L_KLD_WAug.json"))
-    for s in (0, 1, 2):
-        os.remove(os.path.join(folder(s), "Teacher_WAug.pt"))
-    assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [
-        (r, 0, s) for s in (0, 1, 2) for r in ("Teacher_WAug", "L_KLD_WAug")] + [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
+@needs_busi
+def test_committed_busi_split_is_the_one_made_here():
+    """results/busi_split_seed0.json is what --data_seed 0 makes from BUSI: anyone can test on our parts."""
+    d = data.load_busi(BUSI_DIR, size=32)
+    made = data.make_splits(d.labels, d.hashes, 3, 0, 0.15)
+    path = os.path.join(HERE, "results", "busi_split_seed0.json")
+    assert runs.load_splits(path, d, 3) == made
+    assert json.load(open(path))["images"] == 647
 
 
-@pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
-                                            (["--folds", "1"], "--folds 1: must be at least 2"),
-                                            (["--epochs", "0"], "--epochs 0: must be at least 1")])
-def test_bad_options_are_one_line_errors(tmp_path, words, message):
-    with pytest.raises(UserError, match=message):
-        study.main(STUDY_TINY + ["--out", str(tmp_path)] + words)
+@needs_busi
+def test_busi_near_copies_never_straddle_the_committed_split():
+    """results/busi_split_neardup_seed0.json is what the scripts' defaults make from BUSI, and no two
+    images whose thumbnails correlate above 0.95 sit in different parts of any fold."""
+    d = data.load_busi(BUSI_DIR, size=32)
+    path = os.path.join(HERE, "results", "busi_split_neardup_seed0.json")
+    groups = data.near_duplicate_groups(d.thumbnails, d.hashes, 0.95)
+    splits = runs.load_splits(path, d, 3)
+    assert splits == data.make_splits(d.labels, groups, 3, 0, 0.15)
+    r = np.corrcoef(d.thumbnails.flatten(1).double().numpy())
+    close = [(i, j) for i, j in zip(*np.nonzero(r > 0.95)) if i < j]
+    assert len(close) > 100  # BUSI's near-copies
+    for s in splits:
+        part = {i: p for p in ("train", "val", "test") for i in s[p]}
+        assert all(part[i] == part[j] for i, j in close)
+
+
+@needs_busi
+def test_committed_benchmark_split_is_the_one_made_from_its_lists():
+    """results/busi_benchmark_split_seed0.json: the public benchmark's three splits as --split reads them."""
+    lists = os.path.join(os.path.dirname(os.path.abspath(BUSI_DIR)), "busi_benchmark_splits")
+    if not os.path.isdir(lists):
+        pytest.skip("the benchmark's name lists are not beside BUSI_DIR")
+    d = data.load_busi(BUSI_DIR, size=32)
+    committed = runs.load_splits(os.path.join(HERE, "results", "busi_benchmark_split_seed0.json"), d, 3)
+    assert committed == runs.load_splits(lists, d, 3, 0.15, 0)
+    assert [len(s["test"]) for s in committed] == [195] * 3
