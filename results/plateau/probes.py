@@ -1,6 +1,6 @@
 """Plateau probes: does a recipe finish learning? Fold 0 of BUSI at the study's scale (96 px,
 strong augmentation, batch 16, bf16 on a CPU that has it), the teacher (width 32) and the student
-alone (width 10), each trained by train_teacher.py (the student alone is a width-10 U-Net trained
+alone (width 10, and the smaller widths 4 and 6), each trained by train_teacher.py (the student alone is a width-10 U-Net trained
 on the supervised loss: train_student.py --pathway none computes the same), Adam with a cosine
 schedule (3 warm-up epochs), no early stopping, for several learning rates and lengths, 3 seeds.
 
@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 QUEUE = [  # (width, epochs, lr), each for seeds 0, 1, 2, in this order
     (10, 60, 1e-3), (32, 60, 1e-3), (10, 120, 1e-3), (10, 60, 3e-3), (10, 60, 3e-4),
+    (4, 60, 1e-3), (4, 120, 1e-3), (6, 60, 1e-3), (6, 120, 1e-3),  # smaller students: a larger lead?
     (32, 120, 1e-3), (10, 240, 1e-3), (32, 240, 1e-3)]
 SEEDS = (0, 1, 2)
 
