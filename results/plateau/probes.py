@@ -1,12 +1,13 @@
 """Plateau probes: does a recipe finish learning? Fold 0 of BUSI at the study's scale (96 px,
 strong augmentation, batch 16, bf16 on a CPU that has it), the teacher (width 32) and the student
-alone (width 10, and the smaller widths 4 and 6), each trained by train_teacher.py (the student alone is a width-10 U-Net trained
-on the supervised loss: train_student.py --pathway none computes the same), Adam with a cosine
+alone (width 10; and 4 and 6, smaller), each trained by train_teacher.py (the student alone is a
+U-Net trained on the supervised loss: train_student.py --pathway none computes the same), Adam with a cosine
 schedule (3 warm-up epochs), no early stopping, for several learning rates and lengths, 3 seeds.
 
     python results/plateau/probes.py --data data/Dataset_BUSI_with_GT   # a worker: runs what is left
     python results/plateau/probes.py --table                            # prints table.md from the records
     python results/plateau/probes.py --data data/Dataset_BUSI_with_GT --teachers   # can a teacher know more?
+    python results/plateau/probes.py --phantom [--table]                # the same question on the phantom
 
 Workers share the queue: each claims a run by creating its .claim file in --work (checkpoints and
 logs stay there, out of git); a run's record (options, per-epoch validation loss and Dice, times,
@@ -15,7 +16,9 @@ A recipe counts as converged when doubling its epochs moves the mean validation 
 half a point. Run several workers with OMP_NUM_THREADS=1 to share a CPU's cores. --teachers asks, on
 the same validation part, whether a teacher built from the 60-epoch checkpoints knows more than one
 student alone: each seed, mirrored (models.Mirrored), the 3 seeds' mean logits (models.Ensemble),
-and both at once; it writes teachers_fold0.json.
+and both at once; it writes teachers_fold0.json. --phantom runs (and tabulates, in phantom.md) U-Nets of
+several widths at the quick start's phantom settings for 16 and 40 epochs: is there a teacher that
+knows more than the student alone there, within the quick start's few minutes?
 """
 import argparse
 import glob
@@ -35,45 +38,64 @@ QUEUE = [  # (width, epochs, lr), each for seeds 0, 1, 2, in this order
 SEEDS = (0, 1, 2)
 
 
-def name(width, epochs, lr, seed):
-    return f"w{width}_e{epochs}_lr{lr:g}_s{seed}"
+PHANTOM_QUEUE = [(24, 16), (10, 16), (4, 16), (16, 40), (10, 40), (6, 40), (24, 40), (4, 40)]  # (width, epochs)
+
+
+def name(width, epochs, lr, seed, phantom=False):
+    return f"{'phantom_' if phantom else ''}w{width}_e{epochs}_lr{lr:g}_s{seed}"
+
+
+def queue(args):
+    """(run name, width, epochs, lr, seed, train_teacher.py's words) of every probe, in order."""
+    if args.phantom:  # the quick start's settings (96 px, 240 images, batch 8), only widths and lengths vary
+        return [(name(w, e, 1e-3, s, True), w, e, 1e-3, s, ["--data", "phantom", "--width", str(w), "--epochs", str(e),
+                 "--patience", str(e), "--seed", str(s), "--device", "cpu"]) for w, e in PHANTOM_QUEUE for s in SEEDS]
+    return [(name(w, e, lr, s), w, e, lr, s, ["--data", args.data, "--size", "96", "--fold", "0", "--width", str(w),
+             "--epochs", str(e), "--patience", str(e), "--batch_size", "16", "--lr", str(lr), "--schedule", "cosine",
+             "--warmup", "3", "--seed", str(s), "--device", "cpu", "--aug", "strong"])
+            for w, e, lr in QUEUE for s in SEEDS]
+
+
+def write_record(path, run, width, epochs, lr, seed, argv, ckpt, phantom=False):
+    """A run's record: options, per-epoch validation loss and Dice, times, machine; no weights. On the
+    phantom also the test Dice per image (its quick start reports test); BUSI probes keep to validation."""
+    rec = dict(name=run, width=width, epochs=epochs, lr=lr, seed=seed, fold=0, argv=argv,
+               parameters=ckpt["parameters"], best_epoch=ckpt["epoch"],
+               val=dict(loss=ckpt["val"]["loss"], dice=ckpt["val"]["dice"]), history=ckpt["history"],
+               train_seconds=ckpt["test"]["train_seconds"], machine=ckpt["machine"],
+               precision=ckpt["precision"], versions=ckpt["versions"])
+    if phantom:
+        rec["test"] = {k: ckpt["test"][k] for k in ("dice", "per_image_dice", "names")}
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
 
 
 def work(args):
     import torch
-    os.makedirs(os.path.join(HERE, "records"), exist_ok=True)
+    records = os.path.join(HERE, "phantom" if args.phantom else "records")
+    os.makedirs(records, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    for width, epochs, lr in QUEUE:
-        for seed in SEEDS:
-            run = name(width, epochs, lr, seed)
-            record = os.path.join(HERE, "records", run + ".json")
-            try:
-                os.close(os.open(os.path.join(args.work, run + ".claim"), os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                continue
-            if os.path.isfile(record):
-                continue
-            out = os.path.join(args.work, run + ".pt")
-            argv = ["--data", args.data, "--size", "96", "--fold", "0", "--width", str(width), "--epochs", str(epochs),
-                    "--patience", str(epochs), "--batch_size", "16", "--lr", str(lr), "--schedule", "cosine",
-                    "--warmup", "3", "--seed", str(seed), "--device", "cpu", "--aug", "strong", "--out", out]
-            t0 = time.time()
-            with open(os.path.join(args.work, run + ".log"), "a") as log:
-                resume = ["--resume"] if os.path.isfile(out[:-3] + ".run.pt") else []
-                rc = subprocess.run([sys.executable, os.path.join(ROOT, "train_teacher.py"), *argv, *resume],
-                                    stdout=log, stderr=log).returncode
-            if rc:
-                os.remove(os.path.join(args.work, run + ".claim"))
-                print(f"{run}: failed ({rc}), see its log", flush=True)
-                continue
-            ck = torch.load(out, weights_only=True)
-            with open(record, "w") as f:
-                json.dump(dict(name=run, width=width, epochs=epochs, lr=lr, seed=seed, fold=0, argv=argv,
-                               parameters=ck["parameters"], best_epoch=ck["epoch"],
-                               val=dict(loss=ck["val"]["loss"], dice=ck["val"]["dice"]), history=ck["history"],
-                               train_seconds=ck["test"]["train_seconds"], machine=ck["machine"],
-                               precision=ck["precision"], versions=ck["versions"]), f, indent=1)
-            print(f"{run}: done in {time.time() - t0:.0f} s", flush=True)
+    for run, width, epochs, lr, seed, argv in queue(args):
+        record = os.path.join(records, run + ".json")
+        try:
+            os.close(os.open(os.path.join(args.work, run + ".claim"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        if os.path.isfile(record):
+            continue
+        out = os.path.join(args.work, run + ".pt")
+        argv = argv + ["--out", out]
+        t0 = time.time()
+        with open(os.path.join(args.work, run + ".log"), "a") as log:
+            resume = ["--resume"] if os.path.isfile(out[:-3] + ".run.pt") else []
+            rc = subprocess.run([sys.executable, os.path.join(ROOT, "train_teacher.py"), *argv, *resume],
+                                stdout=log, stderr=log).returncode
+        if rc:
+            os.remove(os.path.join(args.work, run + ".claim"))
+            print(f"{run}: failed ({rc}), see its log", flush=True)
+            continue
+        write_record(record, run, width, epochs, lr, seed, argv, torch.load(out, weights_only=True), args.phantom)
+        print(f"{run}: done in {time.time() - t0:.0f} s", flush=True)
 
 
 def table():
@@ -109,6 +131,40 @@ def table():
     print(text)
 
 
+def phantom_table():
+    """The phantom probes: does a wider U-Net know more than a narrower one at the quick start's
+    scale? Per width and length, each seed's validation and test Dice; then each teacher candidate's
+    lead over each student, seed by seed (the same seed: the same data stream)."""
+    recs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "phantom", "*.json")))]
+    runs = {(r["width"], r["epochs"], r["seed"]): r for r in recs}
+    cell = lambda xs: " / ".join(f"{100 * x:.1f}" for x in xs) + f" (mean {100 * sum(xs) / len(xs):.1f})"
+    lines = ["| width | parameters | epochs | val Dice, seeds 0 / 1 / 2 | test Dice, seeds 0 / 1 / 2 | best epoch in last tenth |",
+             "|---|---|---|---|---|---|"]
+    groups = sorted({(w, e) for w, e, _ in runs})
+    for w, e in groups:
+        rs = [runs[w, e, s] for s in SEEDS if (w, e, s) in runs]
+        lines.append(f"| {w} | {rs[0]['parameters'] / 1e6:.2f}M | {e} | {cell([r['val']['dice'] for r in rs])} | "
+                     f"{cell([r['test']['dice'] for r in rs])} | {sum(r['best_epoch'] > e - e // 10 for r in rs)} of {len(rs)} |")
+    lines += ["", "The lead of a wider U-Net (teacher) over a narrower one (student alone), validation Dice, seeds 0 / 1 / 2:", "",
+              "| epochs | teacher width | student width | lead on validation | lead on test |", "|---|---|---|---|---|"]
+    for e in sorted({e for _, e in groups}):
+        widths = sorted({w for w, e2 in groups if e2 == e}, reverse=True)
+        for t in widths:
+            for st in widths:
+                pairs = [(runs[t, e, s], runs[st, e, s]) for s in SEEDS if (t, e, s) in runs and (st, e, s) in runs]
+                if t > st and len(pairs) == len(SEEDS):
+                    lead = lambda part: cell([a[part]["dice"] - b[part]["dice"] for a, b in pairs])
+                    lines.append(f"| {e} | {t} | {st} | {lead('val')} | {lead('test')} |")
+    machines = sorted({r["machine"] for r in recs})
+    lines += ["", f"Records: {len(recs)} runs, the phantom (240 images, 96 px, fold 0 of 3: 136 train, 24 validation, "
+              f"80 test), batch 8, Adam 1e-3 with a 3-epoch warm-up and cosine decay; one CPU thread per run; machines: "
+              f"{'; '.join(machines)}. A Dice of 0.0 is a run that never left the all-background answer."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(HERE, "phantom.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def teachers(args):
     import torch
     import kd
@@ -140,5 +196,9 @@ if __name__ == "__main__":
     p.add_argument("--work", default=os.path.join("out", "plateau"), help="checkpoints, logs and claims")
     p.add_argument("--table", action="store_true", help="print (and write table.md) from the records")
     p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
+    p.add_argument("--phantom", action="store_true", help="the phantom probes (records in phantom/) instead of BUSI's")
     a = p.parse_args()
-    table() if a.table else teachers(a) if a.teachers else work(a)
+    if a.table:
+        phantom_table() if a.phantom else table()
+    else:
+        teachers(a) if a.teachers else work(a)
