@@ -166,26 +166,32 @@ def phantom_table():
 
 
 def teachers(args):
+    """Each seed's checkpoint, mirrored, the seeds' mean logits, and both, on fold 0's validation
+    part (BUSI: the 60-epoch widths 32 and 10) or, with --phantom, its validation and test parts
+    (the 40-epoch widths 24, 16, 10 and 6); the numbers go to teachers_fold0.json or teachers_phantom.json."""
     import torch
     import kd
     import runs
     import train_teacher
     from models import Ensemble, Mirrored
-    ckpts = {(w, s): runs.load_checkpoint(os.path.join(args.work, name(w, 60, 1e-3, s) + ".pt"), "teacher")
-             for w in (32, 10) for s in SEEDS}
-    options = train_teacher.options().parse_args(["--data", args.data, "--size", "96"])
-    data, splits = runs.load_split_data(options)
-    val, device = splits[0]["val"], torch.device("cpu")
+    widths, epochs = ((24, 16, 10, 6), 40) if args.phantom else ((32, 10), 60)
+    ckpts = {(w, s): runs.load_checkpoint(os.path.join(args.work, name(w, epochs, 1e-3, s, args.phantom) + ".pt"), "teacher")
+             for w in widths for s in SEEDS}
+    data_argv = ["--data", "phantom", "--size", "96"] if args.phantom else ["--data", args.data, "--size", "96"]
+    data, splits = runs.load_split_data(train_teacher.options().parse_args(data_argv))
+    device = torch.device("cpu")
     dtype = runs.amp_dtype(device)
-    dice = lambda m: 100 * kd.evaluate(m.eval(), data.images, data.masks, val, device, dtype)["dice"]
     out = {}
-    for w in (32, 10):
-        models = [runs.build_model(ckpts[w, s]) for s in SEEDS]
-        out[f"width {w}"] = dict(each=[dice(m) for m in models], mirrored=[dice(Mirrored(m)) for m in models],
-                                 ensemble=dice(Ensemble(models)), mirrored_ensemble=dice(Mirrored(Ensemble(models))))
-    out.update(data=args.data, fold=0, part="val", images=len(val), machine=runs.machine_name(device),
-               precision=runs.precision_name(dtype))
-    with open(os.path.join(HERE, "teachers_fold0.json"), "w") as f:
+    for part in ("val", "test") if args.phantom else ("val",):
+        dice = lambda m: 100 * kd.evaluate(m.eval(), data.images, data.masks, splits[0][part], device, dtype)["dice"]
+        for w in widths:
+            models = [runs.build_model(ckpts[w, s]) for s in SEEDS]
+            out[f"width {w}" + (f", {part}" if args.phantom else "")] = dict(
+                each=[dice(m) for m in models], mirrored=[dice(Mirrored(m)) for m in models],
+                ensemble=dice(Ensemble(models)), mirrored_ensemble=dice(Mirrored(Ensemble(models))))
+    out.update(data=data_argv[1], fold=0, images={part: len(splits[0][part]) for part in ("val", "test")},
+               epochs=epochs, machine=runs.machine_name(device), precision=runs.precision_name(dtype))
+    with open(os.path.join(HERE, "teachers_phantom.json" if args.phantom else "teachers_fold0.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps(out, indent=1))
 
