@@ -56,15 +56,16 @@ def queue(args):
             for w, e, lr in QUEUE for s in SEEDS]
 
 
-def write_record(path, run, width, epochs, lr, seed, argv, ckpt, phantom=False):
+def write_record(path, run, width, epochs, lr, seed, argv, ckpt, with_test=False):
     """A run's record: options, per-epoch validation loss and Dice, times, machine; no weights. On the
-    phantom also the test Dice per image (its quick start reports test); BUSI probes keep to validation."""
+    phantom (its quick start reports test) and the benchmark's split, also the test Dice per image, with
+    the image names; the BUSI probes keep to validation."""
     rec = dict(name=run, width=width, epochs=epochs, lr=lr, seed=seed, fold=0, argv=argv,
                parameters=ckpt["parameters"], best_epoch=ckpt["epoch"],
                val=dict(loss=ckpt["val"]["loss"], dice=ckpt["val"]["dice"]), history=ckpt["history"],
                train_seconds=ckpt["test"]["train_seconds"], machine=ckpt["machine"],
                precision=ckpt["precision"], versions=ckpt["versions"])
-    if phantom:
+    if with_test:
         rec["test"] = {k: ckpt["test"][k] for k in ("dice", "per_image_dice", "names")}
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
