@@ -448,10 +448,16 @@ def resume_state(args, tag):
 
 def finish(args, ckpt, stopped):
     """Write the finished checkpoint (only now: an unfinished run never replaces an older finished
-    one), then drop the run's state, unless Ctrl-C stopped it: --resume can still go on then."""
+    one), then drop the run's state, unless Ctrl-C stopped it: --resume can still go on then.
+    A kept model that finds no lesion on any validation image gets a note: narrow U-Nets can sit at
+    that all-background answer for tens of epochs before they leave it (results/plateau)."""
     save_checkpoint(args.out, ckpt)
     if stopped != "interrupted" and os.path.isfile(state_path(args.out)):
         os.remove(state_path(args.out))
+    if ckpt["val"]["dice"] == 0:
+        print(f"note: {args.out} scores Dice 0 on every validation image: it has not yet left the answer "
+              f"'no lesion anywhere', where narrow U-Nets can stay for tens of epochs; train longer "
+              f"(--epochs) or try another --seed")
 
 
 # ----------------------------------------------------------------------------- running a script

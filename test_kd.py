@@ -1096,6 +1096,23 @@ def test_full_disk_is_one_line_and_keeps_every_finished_file(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["t.pt", "t.run.pt"]  # no temporary file left
 
 
+@pytest.mark.parametrize("dice", [0.0, 0.25])
+def test_a_model_that_finds_no_lesion_gets_a_note(tmp_path, monkeypatch, capsys, dice):
+    real = kd.evaluate
+
+    def evaluate(*a, **k):  # every validation Dice forced to `dice`, as a stalled narrow U-Net scores
+        return dict(real(*a, **k), dice=dice)
+
+    monkeypatch.setattr(kd, "evaluate", evaluate)
+    out = str(tmp_path / "t.pt")
+    ckpt = train_teacher.main(TINY + ["--width", "2", "--epochs", "1", "--out", out])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert ckpt["val"]["dice"] == dice and os.path.isfile(out)
+    assert notes == ([f"note: {out} scores Dice 0 on every validation image: it has not yet left the answer 'no lesion "
+                      f"anywhere', where narrow U-Nets can stay for tens of epochs; train longer (--epochs) or try "
+                      f"another --seed"] if dice == 0 else [])
+
+
 PROJECT_MODULES = {"data", "losses", "models", "kd"}
 
 
