@@ -10,7 +10,6 @@ record, per-image test Dice with the image names and no weights, to results/busi
 """
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -18,7 +17,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "results", "plateau"))
-import probes  # noqa: E402  (its record writer)
+import probes  # noqa: E402  (its training call and record writer)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,9 +30,8 @@ if __name__ == "__main__":
     out = os.path.join(a.work, run + ".pt")
     argv = ["--data", a.data, "--split", os.path.relpath(os.path.join(ROOT, "results", "busi_benchmark_split_seed0.json")),
             "--folds", "3", "--fold", "0", "--size", "256", "--width", str(a.width), "--seed", str(a.seed), "--out", out]
-    if not os.path.isfile(out):
-        resume = ["--resume"] if os.path.isfile(out[:-3] + ".run.pt") else []
-        subprocess.run([sys.executable, os.path.join(ROOT, "train_teacher.py"), *argv, *resume], check=True)
+    if not os.path.isfile(out) and probes.train(argv, out):
+        sys.exit(f"error: {run}: train_teacher.py failed (see above)")
     ckpt = torch.load(out, weights_only=True)
     probes.write_record(os.path.join(HERE, run + ".json"), run, a.width, ckpt["args"]["epochs"], ckpt["args"]["lr"],
                         a.seed, argv, ckpt, with_test=True)

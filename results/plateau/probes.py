@@ -71,6 +71,14 @@ def write_record(path, run, width, epochs, lr, seed, argv, ckpt, with_test=False
         json.dump(rec, f, indent=1)
 
 
+def train(argv, out, log=None):
+    """train_teacher.py with these words, going on with its unfinished state if there is one; its exit code."""
+    import runs
+    resume = ["--resume"] if os.path.isfile(runs.state_path(out)) else []
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_teacher.py"), *argv, *resume],
+                          stdout=log, stderr=log).returncode
+
+
 def work(args):
     import torch
     records = os.path.join(HERE, "phantom" if args.phantom else "records")
@@ -88,9 +96,7 @@ def work(args):
         argv = argv + ["--out", out]
         t0 = time.time()
         with open(os.path.join(args.work, run + ".log"), "a") as log:
-            resume = ["--resume"] if os.path.isfile(out[:-3] + ".run.pt") else []
-            rc = subprocess.run([sys.executable, os.path.join(ROOT, "train_teacher.py"), *argv, *resume],
-                                stdout=log, stderr=log).returncode
+            rc = train(argv, out, log)
         if rc:
             os.remove(os.path.join(args.work, run + ".claim"))
             print(f"{run}: failed ({rc}), see its log", flush=True)
