@@ -150,7 +150,7 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
         batch_size=16, lr=1e-4, schedule="constant", warmup=0, select="loss", aug="strong", seed=0,
         dice_weight=0.0, generators=(), resume=None, save=None):
     """Train `model` and `extras` with Adam; step(x, y, idx) -> dict of losses, "loss" minimised. Keep the best
-    validation epoch (`select`); stop after `patience` epochs without one. save(state) after every epoch."""
+    validation epoch (`select`: "loss", "dice" or "last"); stop after `patience` epochs without one. save(state) after every epoch."""
     modules = [model, *extras]
     opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
     sched = lr_scheduler(opt, schedule, warmup, epochs, steps_per_epoch(len(split["train"]), batch_size))
@@ -200,8 +200,9 @@ def new_run():
 
 
 def end_epoch(run, epoch, model, train, val, select, lr, seconds):
-    """Book an epoch into `run`; keep the model's weights if its validation score is the best yet."""
-    score = val["loss"] if select == "loss" else -val["dice"]
+    """Book an epoch into `run`; keep the model's weights if its validation score is the best yet
+    (select: lowest validation loss, highest validation Dice, or simply the latest epoch)."""
+    score = dict(loss=val["loss"], dice=-val["dice"], last=-epoch)[select]
     if score < run["best_score"]:
         run.update(best_score=score, best_epoch=epoch, best_val=val,
                    best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})

@@ -825,6 +825,29 @@ def test_fit_follows_the_schedule_and_can_keep_the_best_dice(monkeypatch):
     assert lrs == pytest.approx([0.1 * kd.lr_factor(2 * e, 8, 2, "cosine") for e in (1, 2, 3, 4)])
 
 
+def test_fit_can_keep_the_last_epoch_whatever_validation_says(monkeypatch):
+    d = data.make_phantom(12, 32, 0)
+    split = dict(train=list(range(9)), val=[9, 10], test=[11])
+    losses_by_epoch = iter([0.1, 0.5, 0.9])  # validation only gets worse: "loss" would keep epoch 1
+    real = kd.evaluate
+    monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), loss=next(losses_by_epoch)))
+    model = UNet(2)
+    step = lambda x, y, idx: dict(loss=losses.supervised_loss(model(x).float(), y))
+    run = kd.fit(model, d.images, d.masks, split, step, device=torch.device("cpu"), epochs=3, patience=1,
+                 batch_size=4, lr=0.1, select="last")
+    assert run["best_epoch"] == 3 and run["best_val"]["loss"] == 0.9 and run["stopped"] == "last epoch"
+    assert all(torch.equal(v, run["best_state"][k]) for k, v in model.state_dict().items())
+
+
+def test_late_best_reads_the_lowest_validation_loss_not_the_kept_epoch():
+    history = [dict(epoch=e, val_loss=v) for e, v in zip(range(1, 11), [9, 8, 7, 6, 5, 4, 3, 2, 1.5, 1.6])]
+    rec = dict(epoch=10, history=history, argv=["--epochs", "10"])
+    assert not study.late_best(rec)  # kept epoch 10 (--select last), lowest loss at 9: not in the last tenth
+    history[-1]["val_loss"] = 1.0
+    assert study.late_best(rec)
+    assert study.late_best(dict(epoch=10, argv=["--epochs", "10"]))  # an old record: its kept epoch
+
+
 def test_each_fold_and_seed_starts_from_weights_of_its_own(monkeypatch):
     seeds = {(f, s): runs.run_seed(s, f) for f in range(3) for s in range(3)}
     assert len(set(seeds.values())) == 9 and runs.run_seed(1, 2) == seeds[2, 1]

@@ -111,17 +111,20 @@ def table():
     for r in recs:
         groups.setdefault((r["width"], r["lr"], r["epochs"]), []).append(r)
     mean = lambda xs: sum(xs) / len(xs)
-    lines = ["| width | lr | epochs | seeds | val Dice, kept epoch (lowest val loss) | val Dice, mean of last tenth "
-             "| best epoch in last tenth | change on doubling the epochs |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| width | lr | epochs | seeds | val Dice at the lowest val loss (--select loss) | val Dice, last epoch "
+             "(--select last) | val Dice, mean of last tenth | lowest val loss in last tenth | change on doubling the "
+             "epochs |", "|---|---|---|---|---|---|---|---|---|"]
+    lowest = lambda r: min(r["history"], key=lambda h: h["val_loss"])
     for (w, lr, e), rs in sorted(groups.items()):
         tail = lambda r: mean([h["val_dice"] for h in r["history"][-max(1, e // 10):]])
         last = mean([tail(r) for r in rs])
-        late = sum(r["best_epoch"] > e - e // 10 for r in rs)
+        late = sum(lowest(r)["epoch"] > e - e // 10 for r in rs)
         longer = {r["seed"]: r for r in groups.get((w, lr, 2 * e), [])}
         pairs = [(tail(r), tail(longer[r["seed"]])) for r in rs if r["seed"] in longer]  # the same seeds only
         change = f"{100 * mean([b - a for a, b in pairs]):+.2f} ({len(pairs)} of 3 seeds)" if pairs else ""
-        lines.append(f"| {w} | {lr:g} | {e} | {len(rs)} | {100 * mean([r['val']['dice'] for r in rs]):.2f} | "
-                     f"{100 * last:.2f} | {late} of {len(rs)} | {change} |")
+        lines.append(f"| {w} | {lr:g} | {e} | {len(rs)} | {100 * mean([lowest(r)['val_dice'] for r in rs]):.2f} | "
+                     f"{100 * mean([r['history'][-1]['val_dice'] for r in rs]):.2f} | {100 * last:.2f} | "
+                     f"{late} of {len(rs)} | {change} |")
     lines += ["", "Mean validation Dice over seeds, every 10th epoch (the curves):", "",
               "| width | lr | epochs | " + " | ".join(f"ep {k}" for k in range(10, 241, 10)) + " |",
               "|---|---|---|" + "---|" * 24]
@@ -129,6 +132,10 @@ def table():
         n = min(len(r["history"]) for r in rs)
         cells = [f"{100 * mean([r['history'][k - 1]['val_dice'] for r in rs]):.1f}" if k <= n else "" for k in range(10, 241, 10)]
         lines.append(f"| {w} | {lr:g} | {e} | " + " | ".join(cells) + " |")
+    gap = [100 * (r["history"][-1]["val_dice"] - lowest(r)["val_dice"]) for r in recs]
+    lines += ["", f"Last epoch against the lowest-validation-loss epoch, validation Dice: {mean(gap):+.2f} on average over "
+              f"the {len(recs)} runs, higher in {sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)} (the "
+              "latter is itself chosen on this validation part, so the comparison favours it)."]
     machines = sorted({r["machine"] for r in recs})
     lines += ["", f"Records: {len(recs)} runs, fold 0 of the near-copy-aware split (--near_dup 0.95), validation part only; "
               f"machines: {'; '.join(machines)}."]
