@@ -1,6 +1,7 @@
 """Our student alone on a public BUSI benchmark's split 1, at the benchmark's 256 px, with this
 repository's defaults (Adam 1e-3, 3 warm-up epochs, cosine decay over 120 epochs, strong
-augmentation, batch 16, the epoch of lowest validation loss kept). Its 195 test names are the
+augmentation, batch 16; the epoch of lowest validation loss kept, --select loss, the default when it
+ran). Its 195 test names are the
 benchmark's val list; our validation part is 15% of its 452 train names (--data_seed 0).
 
     python results/busi_benchmark/run.py --data data/Dataset_BUSI_with_GT [--seed 0]
@@ -29,7 +30,7 @@ if __name__ == "__main__":
     run = f"student_alone_w{a.width}_256px_split1_s{a.seed}"
     out = os.path.join(a.work, run + ".pt")
     argv = ["--data", a.data, "--split", os.path.relpath(os.path.join(ROOT, "results", "busi_benchmark_split_seed0.json")),
-            "--folds", "3", "--fold", "0", "--size", "256", "--width", str(a.width), "--seed", str(a.seed), "--out", out]
+            "--folds", "3", "--fold", "0", "--size", "256", "--width", str(a.width), "--select", "loss", "--seed", str(a.seed), "--out", out]
     if not os.path.isfile(out) and probes.train(argv, out):
         sys.exit(f"error: {run}: train_teacher.py failed (see above)")
     ckpt = torch.load(out, weights_only=True)

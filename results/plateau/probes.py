@@ -2,7 +2,9 @@
 strong augmentation, batch 16, bf16 on a CPU that has it), the teacher (width 32) and the student
 alone (width 10; and 4 and 6, smaller), each trained by train_teacher.py (the student alone is a
 U-Net trained on the supervised loss: train_student.py --pathway none computes the same), Adam with a cosine
-schedule (3 warm-up epochs), no early stopping, for several learning rates and lengths, 3 seeds.
+schedule (3 warm-up epochs), no early stopping, for several learning rates and lengths, 3 seeds. Each
+run keeps its epoch of lowest validation loss (--select loss: the default when the probes began;
+its record holds every epoch's validation loss and Dice, so the table shows both choices).
 
     python results/plateau/probes.py --data data/Dataset_BUSI_with_GT   # a worker: runs what is left
     python results/plateau/probes.py --table                            # prints table.md from the records
@@ -49,10 +51,10 @@ def queue(args):
     """(run name, width, epochs, lr, seed, train_teacher.py's words) of every probe, in order."""
     if args.phantom:  # the quick start's settings (96 px, 240 images, batch 8), only widths and lengths vary
         return [(name(w, e, 1e-3, s, True), w, e, 1e-3, s, ["--data", "phantom", "--width", str(w), "--epochs", str(e),
-                 "--patience", str(e), "--seed", str(s), "--device", "cpu"]) for w, e in PHANTOM_QUEUE for s in SEEDS]
+                 "--patience", str(e), "--select", "loss", "--seed", str(s), "--device", "cpu"]) for w, e in PHANTOM_QUEUE for s in SEEDS]
     return [(name(w, e, lr, s), w, e, lr, s, ["--data", args.data, "--size", "96", "--fold", "0", "--width", str(w),
              "--epochs", str(e), "--patience", str(e), "--batch_size", "16", "--lr", str(lr), "--schedule", "cosine",
-             "--warmup", "3", "--seed", str(s), "--device", "cpu", "--aug", "strong"])
+             "--warmup", "3", "--select", "loss", "--seed", str(s), "--device", "cpu", "--aug", "strong"])
             for w, e, lr in QUEUE for s in SEEDS]
 
 
