@@ -469,24 +469,37 @@ def _uniform(n, lo, hi, generator, device):
     return (lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)).to(device)
 
 
-def warp(images, masks, p, generator):
-    """One random affine map per image (flip, rotation, zoom = random crop/scale, shift) applied to
-    image and mask alike through affine_grid / grid_sample."""
-    n, dev = images.shape[0], images.device
-    rnd = lambda lo, hi: _uniform(n, lo, hi, generator, dev)
+def draw(n, level, generator, device="cpu"):
+    """The random numbers of one batch's augmentation, one set per image: an affine map `theta`
+    (flip, rotation, zoom = random crop/scale, shift, in coordinates of [-1, 1], so at any resolution)
+    and, for "strong", a gamma and a depth gain. Apart from `augment`, so that a second view of the same
+    images (a teacher's, at its own resolution) can be warped and shaded the same way."""
+    p = AUGMENT[level]
+    if not p:
+        return {}
+    rnd = lambda lo, hi: _uniform(n, lo, hi, generator, device)
     angle = rnd(-1, 1) * math.radians(p.get("rotate", 0))
     scale = 1 / rnd(*p["zoom"])  # zoom > 1 samples a smaller window: a random crop, scaled up
-    flip = torch.where(rnd(0, 1) < 0.5, -1.0, 1.0) if p["flip"] else torch.ones(n, device=dev)
+    flip = torch.where(rnd(0, 1) < 0.5, -1.0, 1.0) if p["flip"] else torch.ones(n, device=device)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos * flip, -sin, rnd(-1, 1) * 2 * p["shift"]], 1),
                          torch.stack([sin * flip, cos, rnd(-1, 1) * 2 * p["shift"]], 1)], 1)
+    if "gamma" not in p:
+        return dict(theta=theta)
+    return dict(theta=theta, gamma=rnd(*p["gamma"]), slope=rnd(-p["gain"], p["gain"]))
+
+
+def warp(images, masks, theta):
+    """One affine map per image, theta (N, 2, 3), applied to image and mask (if given) alike through
+    affine_grid / grid_sample."""
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    if masks is not None:
+        masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
     return images, masks
 
 
-def intensity(images, p, generator):
+def intensity(images, p, gamma, slope, generator):
     """Changes of grey levels that per-image normalisation cannot undo.
 
     A brightness/contrast change x * c + b is removed exactly by the zero-mean, unit-std
@@ -494,36 +507,36 @@ def intensity(images, p, generator):
       gamma  x ** g, g in p["gamma"]: the display's compression curve (dynamic range), non-linear;
       gain   x * (1 + a * (depth - 1/2)), a in [-gain, gain]: time-gain compensation set too high
              or too low, brighter or darker with depth (the image's rows);
-    then Gaussian noise (std p["noise"]) and pixel dropout (share p["dropout"] set to 0).
+    then Gaussian noise (std p["noise"]) and pixel dropout (share p["dropout"] set to 0), drawn here.
     """
     n, dev = images.shape[0], images.device
-    gamma = _uniform(n, *p["gamma"], generator, dev).view(n, 1, 1, 1)
-    slope = _uniform(n, -p["gain"], p["gain"], generator, dev).view(n, 1, 1, 1)
     depth = torch.linspace(0, 1, images.shape[-2], device=dev).view(1, 1, -1, 1)
-    images = images.clamp(min=0) ** gamma * (1 + slope * (depth - 0.5))
+    images = images.clamp(min=0) ** gamma.view(n, 1, 1, 1) * (1 + slope.view(n, 1, 1, 1) * (depth - 0.5))
     shape = (n, 1, *images.shape[-2:])
     noise = torch.randn(shape, generator=generator, device=generator.device).to(dev)
     keep = torch.rand(shape, generator=generator, device=generator.device).to(dev) >= p["dropout"]
     return (images + p["noise"] * noise) * keep
 
 
-def augment(images, masks, level, generator=None):
+def augment(images, masks, level, generator=None, drawn=None):
     """Random augmentation of a whole batch on its device: geometry (`warp`, image and mask alike),
     then, for "strong", grey levels (`intensity`, the image alone).
 
-    images: float (N, 1, S, S) in [0, 1]; masks: (N, 1, S, S) in {0, 1}. Every random number comes
-    from `generator` (default: a fresh one seeded 0), never from torch's global generator, so that
-    building a module (a regressor, a second teacher) cannot shift the data a run sees.
+    images: float (N, 1, S, S) in [0, 1]; masks: (N, 1, S, S) in {0, 1}, or None. Every random number
+    comes from `generator` (default: a fresh one seeded 0), never from torch's global generator, so that
+    building a module (a regressor, a second teacher) cannot shift the data a run sees. `drawn`: the
+    numbers `draw` made for these images already (another view of them); only the noise is drawn here.
     Returns (images, masks) with masks as {0, 1} floats.
     """
     p = AUGMENT[level]
-    masks = masks.float()
+    masks = None if masks is None else masks.float()
     if not p:
         return images, masks
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    images, masks = warp(images, masks, p, generator)
+    drawn = drawn or draw(images.shape[0], level, generator, images.device)
+    images, masks = warp(images, masks, drawn["theta"])
     if "gamma" in p:
-        images = intensity(images, p, generator)
+        images = intensity(images, p, drawn["gamma"], drawn["slope"], generator)
     return images.clamp(0, 1), masks
 
 

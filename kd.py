@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from data import UserError, augment, normalize
+from data import UserError, augment, draw, normalize
 from losses import dckd_loss, distillation_loss, supervised_loss, total_loss
 from models import ClassTeachers, Mirrored, Projector, Regressor
 
@@ -45,9 +45,11 @@ def batches(indices, batch_size, generator):
     return chunks
 
 
-def batch(data_images, data_masks, idx, aug="none", generator=None):
-    """Index a batch out of the uint8 tensors on the device, augment it, normalise it."""
-    x, y = augment(data_images[idx].float() / 255, data_masks[idx], aug, generator)
+def batch(data_images, data_masks, idx, aug="none", generator=None, drawn=None):
+    """Index a batch out of the uint8 tensors on the device, augment it, normalise it. `drawn`: the
+    augmentation's numbers (data.draw), when this batch is a second view of images already drawn."""
+    masks = None if data_masks is None else data_masks[idx]
+    x, y = augment(data_images[idx].float() / 255, masks, aug, generator, drawn)
     return normalize(x).contiguous(memory_format=torch.channels_last), y
 
 
@@ -148,14 +150,17 @@ def lr_scheduler(opt, schedule, warmup, epochs, per_epoch):
 
 def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epochs=100, patience=20,
         batch_size=16, lr=1e-4, schedule="constant", warmup=0, select="loss", aug="strong", seed=0,
-        dice_weight=0.0, generators=(), resume=None, save=None):
+        dice_weight=0.0, generators=(), teacher_images=None, resume=None, save=None):
     """Train `model` and `extras` with Adam; step(x, y, idx) -> dict of losses, "loss" minimised. Keep the best
-    validation epoch (`select`: "loss", "dice" or "last"); stop after `patience` epochs without one. save(state) after every epoch."""
+    validation epoch (`select`: "loss", "dice" or "last"); stop after `patience` epochs without one. save(state) after every epoch.
+    teacher_images: the same images at a teacher's higher resolution; each batch then has a second view,
+    warped and shaded as the student's (its own noise), and the call is step(x, y, idx, x_teacher)."""
     modules = [model, *extras]
     opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
     sched = lr_scheduler(opt, schedule, warmup, epochs, steps_per_epoch(len(split["train"]), batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    generators = [data_generator(device, seed), *generators]  # the data stream's first, then the step's
+    views = [] if teacher_images is None else [data_generator(device, seed + 1)]  # the teacher view's noise
+    generators = [data_generator(device, seed), *views, *generators]  # the data stream's first, then the step's
     loop = dict(modules=modules, opt=opt, sched=sched, scaler=scaler, generators=generators)
     run = load_loop(resume, **loop) if resume is not None else new_run()
     train_idx, stopped = torch.as_tensor(split["train"], device=device), "last epoch"
@@ -165,9 +170,11 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
             for m in modules:
                 m.train()
             for idx in batches(train_idx, batch_size, generators[0]):
-                x, y = batch(images, masks, idx, aug, generators[0])
+                drawn = draw(len(idx), aug, generators[0], device)
+                x, y = batch(images, masks, idx, aug, generators[0], drawn)
+                more = () if not views else (batch(teacher_images, None, idx, aug, views[0], drawn)[0],)
                 with autocast(device, dtype):
-                    parts = step(x, y, idx)
+                    parts = step(x, y, idx, *more)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(parts["loss"]).backward()
                 scaler.step(opt)
@@ -295,13 +302,13 @@ def make_step(args, student, teacher, classes=None, regressor=None, projector=No
             return teacher(x, return_features=True)
         return teacher(x, classes[idx], return_features=True)  # each image to its class's teacher
 
-    def step(x, y, idx):
+    def step(x, y, idx, x_teacher=None):  # x_teacher: the teacher's own view of the batch (kd.fit)
         s_logits, s_feats = student(x, return_features=True)
         l_sup = supervised_loss(s_logits.float(), y, args.dice_weight, args.sup)
         if args.pathway == "none":
             return dict(loss=l_sup)
         with torch.no_grad():
-            t_logits, t_feats = teach(x, idx)
+            t_logits, t_feats = teach(x if x_teacher is None else x_teacher, idx)
         if args.pathway == "dckd":
             terms = dckd_loss(projector(s_feats[args.dckd_level]), t_feats[args.dckd_level], y, anchor_generator,
                               args.anchors, args.negatives, args.tau, args.hard, args.delta)

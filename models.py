@@ -143,6 +143,26 @@ class Mirrored(nn.Module):
         return (logits + m_logits.flip(-1)) / 2, {k: (v + m_feats[k].flip(-1)) / 2 for k, v in feats.items()}
 
 
+class Pooled(nn.Module):
+    """A teacher that sees `factor` times the student's resolution (an image of 192 px for a student
+    of 96): it knows what the student's grid cannot show, and hands that on. Its logits and feature
+    maps are averaged over factor x factor blocks, so they lie on the student's grid; its lesion mask
+    on that grid is where the averaged logits favour the lesion. `extra`: as Mirrored's."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+        self.feature_channels = getattr(model, "feature_channels", {})
+
+    def forward(self, x, *extra, return_features=False):
+        pool = lambda t: F.avg_pool2d(t, self.factor)
+        out = self.model(x, *extra, return_features=return_features)
+        if not return_features:
+            return pool(out)
+        logits, feats = out
+        return pool(logits), {k: pool(v) for k, v in feats.items()}
+
+
 class ClassTeachers(nn.Module):
     """T2KD's two class teachers used as one (Guo et al. 2025): U-Nets of one width, each trained on
     the images of one class only (train_teacher.py --only_class). route="label": every image goes to

@@ -184,7 +184,7 @@ def check_export_name(path):
 def export_metadata(ckpt, checkpoint_path, threshold):
     """meta.json of an exported file: what a user of torch alone needs to prepare its input and read its
     output."""
-    size = ckpt["args"]["size"]
+    size = runs.image_size(ckpt)
     return dict(
         format="TorchScript (torch.jit.trace) of the fast inference form: BatchNorm folded into the "
                "convolutions, fp32 weights",
@@ -258,7 +258,7 @@ def export(path, ckpt, args, device, dtype, fast, samples, what):
 
 def empty_warning(count, threshold, ckpt):
     """The one-line warning after a run in which every mask came out empty."""
-    trained_on, size = str(ckpt["args"].get("data")), ckpt["args"]["size"]
+    trained_on, size = str(ckpt["args"].get("data")), runs.image_size(ckpt)
     phantom = " (this checkpoint was: --data phantom)" if trained_on == "phantom" else ""
     return (f"warning: all {count} masks are empty, no pixel reached --threshold {threshold}. Likely causes: "
             f"a model trained on the built-in phantom run on real scans{phantom}; a threshold too high "
@@ -278,7 +278,7 @@ def main(argv=None):
     ckpt = runs.load_checkpoint(args.checkpoint, ("student", "teacher"), "--checkpoint")
     device = runs.pick_device(args.device)
     dtype = runs.amp_dtype(device, args.amp)
-    size = ckpt["args"]["size"]
+    size = runs.image_size(ckpt)
     model = fast_model(runs.build_model(ckpt), device, dtype)
     print(f"{ckpt['kind']} {args.checkpoint}: U-Net width {ckpt['model_config']['width']}, "
           f"{runs.fmt_params(count_parameters(model))} parameters, input {size}x{size}; device {device}, "

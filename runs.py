@@ -369,6 +369,12 @@ def make_checkpoint(kind, model, args, data, split, **extra):
                 **extra)
 
 
+def image_size(ckpt):
+    """The side of the images a checkpoint's model was trained on: a student's --student_size where
+    it had one (its teacher saw a larger side), else --size."""
+    return ckpt["args"].get("student_size") or ckpt["args"]["size"]
+
+
 def load_checkpoint(path, kind, option="--teacher"):
     """Load a checkpoint made by this project's script for `kind` ("teacher", "student", or a tuple
     of both), or raise a one-line UserError."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import bench
@@ -27,7 +28,7 @@ import train_student
 import train_teacher
 from data import UserError
 import models
-from models import Ensemble, Regressor, UNet, count_parameters
+from models import Ensemble, Pooled, Regressor, UNet, count_parameters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUSI_DIR = os.environ.get("BUSI_DIR", "")
@@ -591,12 +592,14 @@ def test_intensity_augmentation_survives_normalisation():
     x = data.make_phantom(8, 48, 0).images.float() / 255
     affine = (x * 0.8 + 0.1).clamp(0, 1)
     assert (data.normalize(affine) - data.normalize(x)).abs().max() < 1e-3  # why a plain brightness/contrast is useless
-    change = lambda **p: (data.normalize(data.intensity(x, dict(data.AUGMENT["strong"], noise=0.0, dropout=0.0, **p),
-                                                        torch.Generator().manual_seed(0)).clamp(0, 1))
-                          - data.normalize(x)).abs().mean(dim=(1, 2, 3))
-    assert (change(gamma=(0.75, 0.75), gain=0.0) > 0.02).all()  # every image, over all its pixels, not only where it clips
-    assert change(gamma=(1.0, 1.0), gain=0.3).mean() > 0.02     # depth gain alone
-    assert change().mean() > 0.05                               # the strong defaults
+    quiet = dict(data.AUGMENT["strong"], noise=0.0, dropout=0.0)
+    change = lambda gamma, slope: (data.normalize(data.intensity(x, quiet, gamma, slope, torch.Generator()).clamp(0, 1))
+                                   - data.normalize(x)).abs().mean(dim=(1, 2, 3))
+    same = lambda v: torch.full((len(x),), v)
+    assert (change(same(0.75), same(0.0)) > 0.02).all()  # every image, over all its pixels, not only where it clips
+    assert change(same(1.0), same(0.3)).mean() > 0.02     # depth gain alone
+    drawn = data.draw(len(x), "strong", torch.Generator().manual_seed(0))
+    assert change(drawn["gamma"], drawn["slope"]).mean() > 0.05  # the strong defaults
 
 
 def test_augmentation_draws_only_from_its_generator():
@@ -744,8 +747,8 @@ def test_extra_modules_do_not_shift_the_data_stream(tiny_teacher, tmp_path, monk
     seen = {}
     real = kd.batch
 
-    def record(images, masks, idx, aug="none", generator=None):
-        x, y = real(images, masks, idx, aug, generator)
+    def record(images, masks, idx, aug="none", generator=None, drawn=None):
+        x, y = real(images, masks, idx, aug, generator, drawn)
         if generator is not None:  # a training batch
             seen.setdefault(run, []).append(x.clone())
         return x, y
@@ -756,6 +759,53 @@ def test_extra_modules_do_not_shift_the_data_stream(tiny_teacher, tmp_path, monk
                             "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / f"{run}.pt")])
     assert len(seen["none"]) == len(seen["hidden_regressor"]) == 3
     assert all(torch.equal(a, b) for a, b in zip(seen["none"], seen["hidden_regressor"]))
+
+
+def test_a_teacher_at_twice_the_side_sees_the_students_batches_warped_alike(tiny_teacher, tmp_path, monkeypatch):
+    """--student_size 16 under a 32-px teacher: the student's batches are the student alone's (the
+    teacher's view draws only its own noise, from a generator of its own), and the teacher's view,
+    averaged over 2x2 blocks, is the student's picture: the same flips, rotations, zooms, shifts."""
+    seen = {}
+    real = kd.batch
+
+    def record(images, masks, idx, aug="none", generator=None, drawn=None):
+        x, y = real(images, masks, idx, aug, generator, drawn)
+        if generator is not None:  # a training batch: the student's, or (no masks) the teacher's view
+            seen.setdefault((run, masks is None), []).append(x.clone())
+        return x, y
+
+    monkeypatch.setattr(kd, "batch", record)
+    for run in ("none", "logits"):
+        ckpt = train_student.main(["--teacher", tiny_teacher[0], "--pathway", run, "--student_size", "16", "--width",
+                                   "2", "--no-alone", "--epochs", "1", "--batch_size", "4", "--out", str(tmp_path / f"{run}.pt")])
+    alone, distilled, views = seen["none", False], seen["logits", False], seen["logits", True]
+    assert ("none", True) not in seen and len(alone) == len(distilled) == len(views) == 3
+    assert all(torch.equal(a, b) for a, b in zip(alone, distilled))
+    assert distilled[0].shape[-1] == 16 and views[0].shape[-1] == 32
+    corr = [np.corrcoef(F.avg_pool2d(v, 2).flatten().numpy(), x.flatten().numpy())[0, 1] for v, x in zip(views, distilled)]
+    assert min(corr) > 0.8, corr  # views augmented apart correlate far less (random rotation, zoom, shift)
+    assert ckpt["args"]["student_size"] == 16 and runs.image_size(ckpt) == 16 and ckpt["args"]["size"] == 32
+    with pytest.raises(UserError, match="--student_size 24: must divide the teacher's --size 32"):
+        train_student.main(["--teacher", tiny_teacher[0], "--student_size", "24", "--out", str(tmp_path / "x.pt")])
+
+
+def test_pooled_teacher_answers_with_block_means_on_the_students_grid():
+    class Echo(nn.Module):  # logits: the image and its negative; one feature map: twice the image
+        feature_channels = dict(bottleneck=1)
+
+        def forward(self, x, return_features=False):
+            logits = torch.cat([x, -x], 1)
+            return (logits, dict(bottleneck=2 * x)) if return_features else logits
+
+    x = torch.arange(2 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) ** 1.5
+    logits, feats = Pooled(Echo(), 3)(x, return_features=True)
+    brute = torch.zeros(2, 1, 2, 2)
+    for n in range(2):
+        for i in range(2):
+            for j in range(2):
+                brute[n, 0, i, j] = sum(x[n, 0, 3 * i + a, 3 * j + b] for a in range(3) for b in range(3)) / 9
+    assert torch.allclose(logits, torch.cat([brute, -brute], 1)) and torch.allclose(feats["bottleneck"], 2 * brute)
+    assert torch.allclose(Pooled(Echo(), 3)(x), logits) and Pooled(Echo(), 3).feature_channels == dict(bottleneck=1)
 
 
 def test_batches_cover_every_index_once_and_never_leave_one_alone():
@@ -782,8 +832,8 @@ def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(monkeypatch, c
     monkeypatch.setattr(kd, "evaluate", lambda *a, **k: dict(real(*a, **k), loss=next(losses_by_epoch)))
     used = []
     real_batch = kd.batch
-    monkeypatch.setattr(kd, "batch", lambda im, m, idx, aug="none", generator=None:
-                        (used.append(idx.tolist()) if generator is not None else None) or real_batch(im, m, idx, aug, generator))
+    monkeypatch.setattr(kd, "batch", lambda im, m, idx, aug="none", generator=None, drawn=None:
+                        (used.append(idx.tolist()) if generator is not None else None) or real_batch(im, m, idx, aug, generator, drawn))
     model = UNet(2)
     step = lambda x, y, idx: dict(loss=losses.supervised_loss(model(x).float(), y))
     run = kd.fit(model, d.images, d.masks, split, step, device=torch.device("cpu"), epochs=6, patience=2,
@@ -962,6 +1012,17 @@ def test_resume_of_a_dckd_student_ends_as_an_uninterrupted_run(tiny_teacher, tmp
     capsys.readouterr()
     train_student.main(words + ["--out", out, "--resume"])
     assert "holds 0 of the step's 1 random generators" in capsys.readouterr().out
+
+
+def test_resume_with_a_teacher_at_twice_the_side_ends_as_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch):
+    # the teacher's view draws its noise from a generator of its own: the saved state carries it
+    words = ["--teacher", tiny_teacher[0], "--student_size", "16", "--width", "2", "--epochs", "3", "--batch_size", "4",
+             "--no-alone", "--device", "cpu"]
+    straight = train_student.main(words + ["--out", str(tmp_path / "a.pt")])
+    out = str(tmp_path / "b.pt")
+    killed_after_epoch(monkeypatch, train_student.main, words + ["--out", out], 1)
+    resumed = train_student.main(words + ["--out", out, "--resume"])
+    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
 
 
 def test_resume_refuses_other_options_and_a_missing_state(tmp_path, monkeypatch):

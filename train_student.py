@@ -35,12 +35,15 @@ on from it), and OUT itself is written only when the run ends.
 """
 import argparse
 import copy
+import dataclasses
 import os
 
-from data import UserError
+import torch.nn.functional as F
+
+from data import UserError, load_data
 import kd
 import runs
-from models import ClassTeachers, Ensemble, UNet, count_parameters, fast_model
+from models import ClassTeachers, Ensemble, Pooled, UNet, count_parameters, fast_model
 
 DEFAULTS = dict(  # every default in one place
     teacher="out/teacher.pt",
@@ -61,6 +64,7 @@ DEFAULTS = dict(  # every default in one place
     teacher_flip=False,
     fast_teacher=False,
     width=10,
+    student_size=None,  # None: the teacher's
     aug="strong",
     epochs=120,  # BUSI at 96 px, cosine at 1e-3: 60 -> 120 epochs still gained 0.7 Dice (results/plateau)
     patience=120,  # no early stop: the last epochs, at the smallest rates, are where a run settles
@@ -119,6 +123,9 @@ def options():
         "(models.fast_model: BatchNorm folded, weights in the autocast dtype): its outputs up to bf16 "
         "rounding, a cheaper distillation step")
     add("--width", type=int, help="student U-Net width w, levels w..16w: 10 = 0.76M params (the paper: 0.82M)")
+    add("--student_size", type=int, help="the student's image side, a divisor of the teacher's --size (192 for 96): "
+        "the teacher sees each image at its own size, its outputs and features averaged onto the student's grid "
+        "(models.Pooled); default the teacher's")
     add("--aug", choices=["none", "weak", "strong"], help="student's augmentation (the teacher sees the same "
         "augmented batch)")
     add("--epochs", type=int, help="most epochs (the paper: 500)")
@@ -212,6 +219,28 @@ def load_teachers(p, argv, args):
     return args, ckpts, data, split
 
 
+def student_data(args, data):
+    """(the student's data, factor): the teacher's data and 1, or with --student_size the same images at
+    that side, a divisor of the teacher's: each factor x factor block of the teacher's grid is one
+    pixel of the student's. Files are read again at that side (what a student trained there sees);
+    the phantom, drawn anew at every size, is shrunk from the teacher's instead."""
+    size = args.student_size or args.size
+    if size == args.size:
+        return data, 1
+    if not 0 < size < args.size or args.size % size:
+        raise UserError(f"--student_size {size}: must divide the teacher's --size {args.size} (e.g. {args.size // 2}); "
+                        f"or train a teacher at a multiple of it")
+    if data.source == "phantom":
+        images = F.interpolate(data.images.float(), size=size, mode="area").round().to(data.images.dtype)
+        masks = (F.interpolate(data.masks.float(), size=size, mode="area") >= 0.5).to(data.masks.dtype)
+        small = dataclasses.replace(data, images=images, masks=masks)
+    else:
+        small = load_data(args.data, tuple(args.classes.split(",")), size, args.phantom_count, args.data_seed)
+    print(f"student: images at {size}x{size}; the teacher sees them at {args.size}x{args.size}, its outputs and "
+          f"features averaged over {args.size // size}x{args.size // size} blocks")
+    return small, args.size // size
+
+
 def run_tag(args, data, split, paths, device):
     """What identifies a student's run (runs.run_tag): its options and split, and which exact teacher
     files it learns from. The student alone depends on neither the teachers nor the distillation options."""
@@ -223,9 +252,10 @@ def run_tag(args, data, split, paths, device):
 
 # ----------------------------------------------------------------------------- 2. one training run
 
-def train(args, teacher, n_teacher, data, split, device, dtype, tag):
+def train(args, teacher, n_teacher, data, split, device, dtype, tag, teacher_images=None):
     """Train one student (distilled, or alone with --pathway none) from `teacher` (frozen; its fast
-    form with --fast_teacher), which has n_teacher parameters as trained; return its checkpoint."""
+    form with --fast_teacher), which has n_teacher parameters as trained; return its checkpoint.
+    teacher_images: the images at the teacher's larger side (--student_size), on the device."""
     images, masks = data.images.to(device), data.masks.to(device)
     seed = runs.run_seed(args.seed, args.fold)
     student = runs.to_device(UNet(args.width), device)
@@ -239,7 +269,8 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag):
     fitted = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
                  epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                  schedule=args.schedule, warmup=args.warmup, select=args.select, aug=args.aug, seed=seed,
-                 dice_weight=args.dice_weight, generators=step.generators, resume=runs.resume_state(args, tag),
+                 dice_weight=args.dice_weight, generators=step.generators, teacher_images=teacher_images,
+                 resume=runs.resume_state(args, tag),
                  save=runs.state_saver(runs.state_path(args.out), tag))
     student.load_state_dict(fitted["best_state"])
     test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
@@ -255,10 +286,11 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag):
     return ckpt
 
 
-def evaluate_teacher(teacher, data, split, device, dtype, args):
+def evaluate_teacher(teacher, data, split, device, dtype, args, masks=None):
     """Test metrics of the teacher. Class teachers are each tested on their class's test images
-    (routed by the true class, which only they are given), and the per-image Dice put together."""
-    images, masks = data.images.to(device), data.masks.to(device)
+    (routed by the true class, which only they are given), and the per-image Dice put together.
+    masks: the student's (--student_size), on whose grid a Pooled teacher answers."""
+    images, masks = data.images.to(device), (data.masks if masks is None else masks).to(device)
     if not isinstance(teacher, ClassTeachers):
         return kd.evaluate(teacher, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
     dice = {}
@@ -331,7 +363,9 @@ def main(argv=None):
         raise UserError(f"--out {args.out}: that is a teacher's file; choose another name")
     device = runs.pick_device(args.device)
     dtype = runs.amp_dtype(device, args.amp)
-    members = [runs.build_model(t) for t in teacher_ckpts]
+    small, factor = student_data(args, data)  # a student at a smaller side: the teacher answers on its grid
+    teacher_images = data.images.to(device) if factor > 1 and args.pathway != "none" else None
+    members = [runs.build_model(t) if factor == 1 else Pooled(runs.build_model(t), factor) for t in teacher_ckpts]
     if classes:
         teacher = ClassTeachers(members, classes, args.route).eval()
     else:
@@ -344,18 +378,18 @@ def main(argv=None):
     # 2. The student alone on the same split: trained, or a finished one reused
     students = []
     if args.alone and args.pathway != "none":
-        students.append(("student alone", student_alone(args, teacher, data, split, device, dtype, paths)))
+        students.append(("student alone", student_alone(args, teacher, small, split, device, dtype, paths)))
         print(f"\n--- the student distilled ({args.pathway})")
     # 3. The student distilled (or alone, with --pathway none), from the same initial weights
     runs.seed_everything(runs.run_seed(args.seed, args.fold))
-    ckpt = train(args, distilling_teacher, count_parameters(teacher), data, split, device, dtype,
-                 run_tag(args, data, split, paths, device))
+    ckpt = train(args, distilling_teacher, count_parameters(teacher), small, split, device, dtype,
+                 run_tag(args, small, split, paths, device), teacher_images)
     name = ("student alone" if args.pathway == "none" else "distilled (dckd)" if args.pathway == "dckd"
             else f"distilled ({args.pathway}, {args.loss})")
     students.append((name, ckpt))
 
     # 4. What distillation did
-    teacher_test = evaluate_teacher(teacher, data, split, device, dtype, args)
+    teacher_test = evaluate_teacher(teacher, data, split, device, dtype, args, small.masks)
     report(teacher_test, count_parameters(teacher), students)
     return dict(ckpt, teacher_test=teacher_test)
 

@@ -33,9 +33,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-QUEUE = [  # (width, epochs, lr), each for seeds 0, 1, 2, in this order
+SIZE = 96  # the study's side: every student's
+QUEUE = [  # (width, epochs, lr[, side]), each for seeds 0, 1, 2, in this order; the side is SIZE unless given
     (10, 60, 1e-3), (32, 60, 1e-3), (10, 120, 1e-3), (10, 60, 3e-3), (10, 60, 3e-4),
     (4, 60, 1e-3), (4, 120, 1e-3), (6, 60, 1e-3), (6, 120, 1e-3),  # smaller students: a larger lead?
+    (16, 60, 1e-3, 192),  # a teacher that sees twice the students' side, judged on their grid
     (32, 120, 1e-3), (6, 240, 1e-3), (10, 240, 1e-3), (32, 240, 1e-3)]
 SEEDS = (0, 1, 2)
 
@@ -43,8 +45,8 @@ SEEDS = (0, 1, 2)
 PHANTOM_QUEUE = [(24, 16), (10, 16), (4, 16), (16, 40), (10, 40), (6, 40), (24, 40), (4, 40)]  # (width, epochs)
 
 
-def name(width, epochs, lr, seed, phantom=False):
-    return f"{'phantom_' if phantom else ''}w{width}_e{epochs}_lr{lr:g}_s{seed}"
+def name(width, epochs, lr, seed, phantom=False, size=SIZE):
+    return f"{'phantom_' if phantom else ''}w{width}_e{epochs}_lr{lr:g}{f'_px{size}' * (size != SIZE)}_s{seed}"
 
 
 def queue(args):
@@ -52,23 +54,24 @@ def queue(args):
     if args.phantom:  # the quick start's settings (96 px, 240 images, batch 8), only widths and lengths vary
         return [(name(w, e, 1e-3, s, True), w, e, 1e-3, s, ["--data", "phantom", "--width", str(w), "--epochs", str(e),
                  "--patience", str(e), "--select", "loss", "--seed", str(s), "--device", "cpu"]) for w, e in PHANTOM_QUEUE for s in SEEDS]
-    return [(name(w, e, lr, s), w, e, lr, s, ["--data", args.data, "--size", "96", "--fold", "0", "--width", str(w),
-             "--epochs", str(e), "--patience", str(e), "--batch_size", "16", "--lr", str(lr), "--schedule", "cosine",
-             "--warmup", "3", "--select", "loss", "--seed", str(s), "--device", "cpu", "--aug", "strong"])
-            for w, e, lr in QUEUE for s in SEEDS]
+    return [(name(w, e, lr, s, size=px), w, e, lr, s, ["--data", args.data, "--size", str(px), "--fold", "0", "--width",
+             str(w), "--epochs", str(e), "--patience", str(e), "--batch_size", "16", "--lr", str(lr), "--schedule",
+             "cosine", "--warmup", "3", "--select", "loss", "--seed", str(s), "--device", "cpu", "--aug", "strong"])
+            for w, e, lr, px in [(*q, SIZE)[:4] for q in QUEUE] for s in SEEDS]
 
 
-def write_record(path, run, width, epochs, lr, seed, argv, ckpt, with_test=False):
+def write_record(path, run, width, epochs, lr, seed, argv, ckpt, with_test=False, **more):
     """A run's record: options, per-epoch validation loss and Dice, times, machine; no weights. On the
     phantom (its quick start reports test) and the benchmark's split, also the test Dice per image, with
-    the image names; the BUSI probes keep to validation."""
-    rec = dict(name=run, width=width, epochs=epochs, lr=lr, seed=seed, fold=0, argv=argv,
+    the image names; the BUSI probes keep to validation. `more`: added as they are."""
+    rec = dict(name=run, width=width, epochs=epochs, lr=lr, seed=seed, fold=0, argv=argv, size=ckpt["args"]["size"],
                parameters=ckpt["parameters"], best_epoch=ckpt["epoch"],
                val=dict(loss=ckpt["val"]["loss"], dice=ckpt["val"]["dice"]), history=ckpt["history"],
                train_seconds=ckpt["test"]["train_seconds"], machine=ckpt["machine"],
                precision=ckpt["precision"], versions=ckpt["versions"])
     if with_test:
         rec["test"] = {k: ckpt["test"][k] for k in ("dice", "per_image_dice", "names")}
+    rec.update(more)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
 
@@ -103,15 +106,36 @@ def work(args):
             os.remove(os.path.join(args.work, run + ".claim"))
             print(f"{run}: failed ({rc}), see its log", flush=True)
             continue
-        write_record(record, run, width, epochs, lr, seed, argv, torch.load(out, weights_only=True), args.phantom)
+        ckpt = torch.load(out, weights_only=True)
+        grid = {} if args.phantom or ckpt["args"]["size"] == SIZE else dict(on_student_grid=on_student_grid(out, args.data))
+        write_record(record, run, width, epochs, lr, seed, argv, ckpt, args.phantom, **grid)
         print(f"{run}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def on_student_grid(path, data_path):
+    """Validation Dice of a teacher trained at a larger side on the students' SIZE-px grid: its logits
+    averaged over blocks (models.Pooled, as train_student.py --student_size distils it), against the
+    masks as a student at SIZE px sees them; plain and mirrored (models.Mirrored)."""
+    import torch
+    import kd
+    import runs
+    from data import load_data
+    from models import Mirrored, Pooled
+    ckpt = runs.load_checkpoint(path, "teacher")
+    big, small = (load_data(data_path, size=px) for px in (ckpt["args"]["size"], SIZE))
+    val = [big.names.index(n) for n in ckpt["split"]["val"]]
+    teacher = Pooled(runs.build_model(ckpt), ckpt["args"]["size"] // SIZE)
+    device = torch.device("cpu")
+    dice = lambda m: kd.evaluate(m, big.images, small.masks, val, device, runs.amp_dtype(device))["dice"]
+    return dict(size=SIZE, val_dice=dice(teacher), val_dice_mirrored=dice(Mirrored(teacher)))
 
 
 def table():
     recs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "records", "*.json")))]
     groups = {}
     for r in recs:
-        groups.setdefault((r["width"], r["lr"], r["epochs"]), []).append(r)
+        if r.get("size", SIZE) == SIZE:
+            groups.setdefault((r["width"], r["lr"], r["epochs"]), []).append(r)
     mean = lambda xs: sum(xs) / len(xs)
     lines = ["| width | lr | epochs | seeds | val Dice at the lowest val loss (--select loss) | val Dice, last epoch "
              "(--select last) | val Dice, mean of last tenth | lowest val loss in last tenth | change on doubling the "
@@ -134,6 +158,7 @@ def table():
         n = min(len(r["history"]) for r in rs)
         cells = [f"{100 * mean([r['history'][k - 1]['val_dice'] for r in rs]):.1f}" if k <= n else "" for k in range(10, 241, 10)]
         lines.append(f"| {w} | {lr:g} | {e} | " + " | ".join(cells) + " |")
+    lines += larger_teachers(recs, groups)
     gap = [100 * (r["history"][-1]["val_dice"] - lowest(r)["val_dice"]) for r in recs]
     lines += ["", f"Last epoch against the lowest-validation-loss epoch, validation Dice: {mean(gap):+.2f} on average over "
               f"the {len(recs)} runs, higher in {sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)} (the "
@@ -145,6 +170,33 @@ def table():
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write(text)
     print(text)
+
+
+def larger_teachers(recs, groups):
+    """Table lines: the teachers that saw a larger side, on the students' grid, and their lead over the
+    students alone of widths 10 and 6 at 120 epochs, seed by seed (kept epochs: lowest validation loss)."""
+    big = {}
+    for r in recs:
+        if r.get("size", SIZE) != SIZE:
+            big.setdefault((r["width"], r["size"], r["epochs"]), {})[r["seed"]] = r
+    if not big:
+        return []
+    seeds = lambda d: " / ".join(f"{100 * v:.2f}" for v in d)
+    lines = ["", f"Teachers that see a larger side, validation Dice on the students' {SIZE}-px grid (models.Pooled), "
+             "seeds in order; the lead is over the same seed's student alone (120 epochs, lowest-validation-loss epoch):", "",
+             "| teacher | side | epochs | seeds | Dice | mirrored | lead over width 10 | lead over width 6 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (w, px, e), rs in sorted(big.items()):
+        own = [rs[s]["on_student_grid"]["val_dice"] for s in sorted(rs)]
+        flip = [rs[s]["on_student_grid"]["val_dice_mirrored"] for s in sorted(rs)]
+        leads = []
+        for width in (10, 6):
+            alone = {r["seed"]: r["val"]["dice"] for r in groups.get((width, 1e-3, 120), [])}
+            d = [rs[s]["on_student_grid"]["val_dice"] - alone[s] for s in sorted(rs) if s in alone]
+            leads.append(" / ".join(f"{100 * v:+.2f}" for v in d) + f" (mean {100 * sum(d) / len(d):+.2f})" if d else "")
+        lines.append(f"| width {w} | {px} px | {e} | {', '.join(map(str, sorted(rs)))} | {seeds(own)} | {seeds(flip)} | "
+                     f"{leads[0]} | {leads[1]} |")
+    return lines
 
 
 def phantom_table():
