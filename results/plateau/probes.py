@@ -10,6 +10,7 @@ its record holds every epoch's validation loss and Dice, so the table shows both
     python results/plateau/probes.py --table                            # prints table.md from the records
     python results/plateau/probes.py --data data/Dataset_BUSI_with_GT --teachers   # can a teacher know more?
     python results/plateau/probes.py --phantom [--table]                # the same question on the phantom
+    python results/plateau/probes.py --sides [--table]                  # the quick start's student side
 
 Workers share the queue: each claims a run by creating its .claim file in --work (checkpoints and
 logs stay there, out of git); a run's record (options, per-epoch validation loss and Dice, times,
@@ -20,7 +21,10 @@ the same validation part, whether a teacher built from the 60-epoch checkpoints 
 student alone: each seed, mirrored (models.Mirrored), the 3 seeds' mean logits (models.Ensemble),
 and both at once; it writes teachers_fold0.json. --phantom runs (and tabulates, in phantom.md) U-Nets of
 several widths at the quick start's phantom settings for 16 and 40 epochs: is there a teacher that
-knows more than the student alone there, within the quick start's few minutes?
+knows more than the student alone there, within the quick start's few minutes? --sides runs the quick
+start itself (train_teacher.py, then train_student.py, phantom defaults) for seeds 0-2 with the student at
+96, 48 and 32 px under the 96-px teacher; its records (sides/) hold each run's validation Dice, the
+teacher's on the student's grid included (the side is chosen on them), and the test Dice per image.
 """
 import argparse
 import glob
@@ -233,6 +237,80 @@ def phantom_table():
     print(text)
 
 
+SIDES = (96, 48, 32)  # the quick start's student sides under its 96-px teacher
+
+
+def sides(args):
+    """The quick start at each student side, seeds 0-2: teacher (train_teacher.py's phantom defaults),
+    then train_student.py (student alone and distilled from the logits), one record per side and seed."""
+    import torch
+    import kd
+    import runs
+    import train_student
+    from models import Pooled
+    records = os.path.join(HERE, "sides")
+    os.makedirs(records, exist_ok=True)
+    for seed in SEEDS:
+        teacher = os.path.join(args.work, "sides", f"teacher_s{seed}.pt")
+        if not os.path.isfile(teacher) and train(["--data", "phantom", "--seed", str(seed), "--out", teacher]):
+            sys.exit(f"the teacher of seed {seed} failed, see its log")
+        for side in SIDES:
+            record = os.path.join(records, f"side{side}_s{seed}.json")
+            if os.path.isfile(record):
+                continue
+            out = os.path.join(args.work, "sides", f"side{side}_s{seed}", "distilled.pt")
+            words = ["--teacher", teacher, "--student_size", str(side), "--seed", str(seed), "--out", out]
+            distilled = train_student.main(words)
+            alone = runs.load_checkpoint(os.path.join(os.path.dirname(out), "student_alone.pt"), "student")
+            p = train_student.options()
+            a, ckpts, data, split = train_student.load_teachers(p, words, p.parse_args(words))
+            small, factor = train_student.student_data(a, data)
+            model = runs.build_model(ckpts[0])
+            model = (Pooled(model, factor) if factor > 1 else model).eval()
+            device = torch.device("cpu")
+            val = kd.evaluate(model, data.images, small.masks, split["val"], device, runs.amp_dtype(device))
+            part = lambda r, k: dict(dice=r[k]["dice"], per_image_dice=r[k]["per_image_dice"])
+            rec = dict(side=side, seed=seed, teacher_side=a.size, argv=words, names=dict(
+                val=[data.names[i] for i in split["val"]], test=[data.names[i] for i in split["test"]]),
+                teacher=dict(val=part(dict(val=val), "val"), test=part(distilled, "teacher_test")),
+                alone=dict(val=part(alone, "val"), test=part(alone, "test"), train_seconds=alone["test"]["train_seconds"]),
+                distilled=dict(val=part(distilled, "val"), test=part(distilled, "test"),
+                               train_seconds=distilled["test"]["train_seconds"]),
+                machine=distilled["machine"], precision=distilled["precision"], versions=distilled["versions"])
+            with open(record, "w") as f:
+                json.dump(rec, f, indent=1)
+
+
+def sides_table():
+    """Per student side: the teacher's lead over the student alone and distillation's gain, seed by
+    seed, on validation (where the side is chosen) and on test, with paired intervals over the test images."""
+    import kd
+    recs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "sides", "*.json")))]
+    diff = lambda r, a, b, part: [100 * (x - y) for x, y in zip(r[a][part]["per_image_dice"], r[b][part]["per_image_dice"])]
+    mean = lambda xs: sum(xs) / len(xs)
+    lines = ["| student side | seed | val: teacher / alone / distilled | val lead | test: teacher / alone / distilled | "
+             "test lead [95%] | test gain [95%] |", "|---|---|---|---|---|---|---|"]
+    for side in SIDES:
+        rs = sorted((r for r in recs if r["side"] == side), key=lambda r: r["seed"])
+        for r in rs:
+            three = lambda part: " / ".join(f"{100 * r[k][part]['dice']:.2f}" for k in ("teacher", "alone", "distilled"))
+            ci = lambda d: "{:+.2f} [{:+.2f}, {:+.2f}]".format(*kd.paired_interval(d))
+            lines.append(f"| {side} | {r['seed']} | {three('val')} | {mean(diff(r, 'teacher', 'alone', 'val')):+.2f} | "
+                         f"{three('test')} | {ci(diff(r, 'teacher', 'alone', 'test'))} | {ci(diff(r, 'distilled', 'alone', 'test'))} |")
+        if rs:
+            lines.append(f"| {side} | mean | | {mean([mean(diff(r, 'teacher', 'alone', 'val')) for r in rs]):+.2f} | | "
+                         f"{mean([mean(diff(r, 'teacher', 'alone', 'test')) for r in rs]):+.2f} | "
+                         f"{mean([mean(diff(r, 'distilled', 'alone', 'test')) for r in rs]):+.2f} |")
+    machines = sorted({r["machine"] for r in recs})
+    lines += ["", f"Records: {len(recs)} quick starts (phantom, 240 images, teacher width 24 at 96 px, fold 0 of 3: 24 "
+              f"validation and 80 test images; Dice on the student's grid); machines: {'; '.join(machines)}. The "
+              "intervals are paired over the test images, conditional on the trained models and the split."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(HERE, "sides.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def teachers(args):
     """Each seed's checkpoint, mirrored, the seeds' mean logits, and both, on fold 0's validation
     part (BUSI: the 60-epoch widths 32 and 10) or, with --phantom, its validation and test parts
@@ -271,8 +349,11 @@ if __name__ == "__main__":
     p.add_argument("--table", action="store_true", help="print (and write table.md) from the records")
     p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
     p.add_argument("--phantom", action="store_true", help="the phantom probes (records in phantom/) instead of BUSI's")
+    p.add_argument("--sides", action="store_true", help="the quick start with its student at 96, 48 and 32 px (sides/)")
     a = p.parse_args()
-    if a.table:
+    if a.sides:
+        sides_table() if a.table else sides(a)
+    elif a.table:
         phantom_table() if a.phantom else table()
     else:
         teachers(a) if a.teachers else work(a)
