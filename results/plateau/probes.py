@@ -252,7 +252,7 @@ def sides(args):
     os.makedirs(records, exist_ok=True)
     for seed in SEEDS:
         teacher = os.path.join(args.work, "sides", f"teacher_s{seed}.pt")
-        if not os.path.isfile(teacher) and train(["--data", "phantom", "--seed", str(seed), "--out", teacher]):
+        if not os.path.isfile(teacher) and train(["--data", "phantom", "--seed", str(seed), "--out", teacher], teacher):
             sys.exit(f"the teacher of seed {seed} failed, see its log")
         for side in SIDES:
             record = os.path.join(records, f"side{side}_s{seed}.json")
