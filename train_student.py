@@ -29,8 +29,9 @@ student. --no-alone skips it.
 
 The student uses its teacher's data, image size (or a divisor of it: --student_size) and split,
 recomputed here and checked against the split stored in the teacher's checkpoint: a student tested
-on images its teacher trained on would be a leak, so a different split is refused. Several teachers (comma-separated) are distilled
-as one, the mean of their logits (models.Ensemble); each must have the same split.
+on images its teacher trained on would be a leak, so a different split is refused. Several teachers
+(comma-separated) are distilled as one, the mean of their logits (models.Ensemble); each must have
+the same split.
 Files: as train_teacher.py, the run's state goes to OUT's .run.pt after every epoch (--resume goes
 on from it), and OUT itself is written only when the run ends.
 """

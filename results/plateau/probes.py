@@ -117,21 +117,29 @@ def work(args):
 
 
 def on_student_grid(path, data_path):
-    """Validation Dice of a teacher trained at a larger side on the students' SIZE-px grid: its logits
-    averaged over blocks (models.Pooled, as train_student.py --student_size distils it), against the
-    masks as a student at SIZE px sees them; plain and mirrored (models.Mirrored)."""
-    import torch
-    import kd
+    """Validation Dice of a teacher trained at a larger side on the students' SIZE-px grid, plain and
+    mirrored (models.Mirrored)."""
     import runs
     from data import load_data
-    from models import Mirrored, Pooled
     ckpt = runs.load_checkpoint(path, "teacher")
     big, small = (load_data(data_path, size=px) for px in (ckpt["args"]["size"], SIZE))
     val = [big.names.index(n) for n in ckpt["split"]["val"]]
-    teacher = Pooled(runs.build_model(ckpt), ckpt["args"]["size"] // SIZE)
+    dice = lambda mirrored: pooled_dice(ckpt, big, small, val, mirrored)["dice"]
+    return dict(size=SIZE, val_dice=dice(False), val_dice_mirrored=dice(True))
+
+
+def pooled_dice(ckpt, big, small, indices, mirrored=False):
+    """kd.evaluate of a teacher that sees `big` (its own side): its logits averaged over blocks onto
+    `small`'s grid (models.Pooled, as train_student.py --student_size distils it), against the masks
+    as a student at that side sees them."""
+    import torch
+    import kd
+    import runs
+    from models import Mirrored, Pooled
+    teacher = Pooled(runs.build_model(ckpt), big.images.shape[-1] // small.images.shape[-1])
     device = torch.device("cpu")
-    dice = lambda m: kd.evaluate(m, big.images, small.masks, val, device, runs.amp_dtype(device))["dice"]
-    return dict(size=SIZE, val_dice=dice(teacher), val_dice_mirrored=dice(Mirrored(teacher)))
+    return kd.evaluate(Mirrored(teacher) if mirrored else teacher, big.images, small.masks, indices, device,
+                       runs.amp_dtype(device))
 
 
 def table():
@@ -243,13 +251,11 @@ SIDES = (96, 48, 32)  # the quick start's student sides under its 96-px teacher
 def sides(args):
     """The quick start at each student side, seeds 0-2: teacher (train_teacher.py's phantom defaults),
     then train_student.py (student alone and distilled from the logits), one record per side and seed."""
-    import torch
-    import kd
     import runs
     import train_student
-    from models import Pooled
     records = os.path.join(HERE, "sides")
     os.makedirs(records, exist_ok=True)
+    keep = lambda r: dict(dice=r["dice"], per_image_dice=r["per_image_dice"])
     for seed in SEEDS:
         teacher = os.path.join(args.work, "sides", f"teacher_s{seed}.pt")
         if not os.path.isfile(teacher) and train(["--data", "phantom", "--seed", str(seed), "--out", teacher], teacher):
@@ -262,21 +268,16 @@ def sides(args):
             words = ["--teacher", teacher, "--student_size", str(side), "--seed", str(seed), "--out", out]
             distilled = train_student.main(words)
             alone = runs.load_checkpoint(os.path.join(os.path.dirname(out), "student_alone.pt"), "student")
-            p = train_student.options()
+            p = train_student.options()  # the teacher's data and split, and the student's side, as main saw them
             a, ckpts, data, split = train_student.load_teachers(p, words, p.parse_args(words))
-            small, factor = train_student.student_data(a, data)
-            model = runs.build_model(ckpts[0])
-            model = (Pooled(model, factor) if factor > 1 else model).eval()
-            device = torch.device("cpu")
-            val = kd.evaluate(model, data.images, small.masks, split["val"], device, runs.amp_dtype(device))
-            part = lambda r, k: dict(dice=r[k]["dice"], per_image_dice=r[k]["per_image_dice"])
-            rec = dict(side=side, seed=seed, teacher_side=a.size, argv=words, names=dict(
-                val=[data.names[i] for i in split["val"]], test=[data.names[i] for i in split["test"]]),
-                teacher=dict(val=part(dict(val=val), "val"), test=part(distilled, "teacher_test")),
-                alone=dict(val=part(alone, "val"), test=part(alone, "test"), train_seconds=alone["test"]["train_seconds"]),
-                distilled=dict(val=part(distilled, "val"), test=part(distilled, "test"),
-                               train_seconds=distilled["test"]["train_seconds"]),
-                machine=distilled["machine"], precision=distilled["precision"], versions=distilled["versions"])
+            small, _ = train_student.student_data(a, data)
+            names = runs.names_per_part(split, data)
+            rec = dict(side=side, seed=seed, teacher_side=a.size, argv=words, names=dict(val=names["val"], test=names["test"]),
+                       teacher=dict(val=keep(pooled_dice(ckpts[0], data, small, split["val"])), test=keep(distilled["teacher_test"])),
+                       alone=dict(val=keep(alone["val"]), test=keep(alone["test"]), train_seconds=alone["test"]["train_seconds"]),
+                       distilled=dict(val=keep(distilled["val"]), test=keep(distilled["test"]),
+                                      train_seconds=distilled["test"]["train_seconds"]),
+                       machine=distilled["machine"], precision=distilled["precision"], versions=distilled["versions"])
             with open(record, "w") as f:
                 json.dump(rec, f, indent=1)
 
