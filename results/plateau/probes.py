@@ -42,6 +42,7 @@ QUEUE = [  # (width, epochs, lr[, side]), each for seeds 0, 1, 2, in this order;
     (10, 60, 1e-3), (32, 60, 1e-3), (10, 120, 1e-3), (10, 60, 3e-3), (10, 60, 3e-4),
     (4, 60, 1e-3), (4, 120, 1e-3), (6, 60, 1e-3), (6, 120, 1e-3),  # smaller students: a larger lead?
     (16, 60, 1e-3, 192),  # a teacher that sees twice the students' side, judged on their grid
+    (4, 240, 1e-3),  # has the smallest student stopped improving at 120 epochs?
     (32, 120, 1e-3), (6, 240, 1e-3), (10, 240, 1e-3), (32, 240, 1e-3)]
 SEEDS = (0, 1, 2)
 
