@@ -60,6 +60,7 @@ DEFAULTS = dict(  # every default in one place
     select="last",  # the cosine's end beat the lowest-val-loss epoch in 21 of 29 probes (results/plateau)
     alpha=0.5,
     T=1.0,
+    dckd_level="bottleneck",
     seeds="0",
     device="auto",
     amp="auto",
@@ -104,6 +105,8 @@ def options():
         "the cosine decay), lowest validation loss (the paper) or highest validation Dice")
     add("--alpha", type=float, help="weight of L_distill in Eq. I (the paper: 0.5)")
     add("--T", type=float, help="KLD temperature (the paper gives none: 1)")
+    add("--dckd_level", choices=["enc4", "bottleneck", "dec4", "dec3"], help="the DCKD row's feature level: at the "
+        "bottleneck (1/16 of the side) a small lesion may cover no position, and its image gives no anchor")
     add("--seeds", help="seeds, e.g. 0,1,2: every row runs once per fold and seed; within one fold and seed, rows "
         "differ only in what they distil (same initial student, same batches)")
     add("--device", help="auto (cuda, then mps, then cpu), or a torch device")
@@ -188,6 +191,7 @@ def run_argv(row, fold, seed, args):
                 if "teachers" in spec else ["--teacher", ",".join(ckpt(t, s) for t, s in teacher_runs(row, seed))])
         argv += ["--data", args.data, "--pathway", spec["pathway"]] + (["--loss", spec["loss"]] if "loss" in spec else [])
         argv += ["--sup", spec["sup"]] if "sup" in spec else []
+        argv += ["--dckd_level", args.dckd_level] if spec["pathway"] == "dckd" else []
         argv += ["--alpha", args.alpha, "--T", args.T, "--width", args.student_width, "--aug", "strong",
                  "--no-alone"] + common
     argv += ["--out", os.path.join(folder, row + ".pt")] + (["--compile"] if args.compile else [])
@@ -210,6 +214,8 @@ def _what(argv):
     for k, v in BEFORE.items():
         if k != "near_dup" or "aug" in pairs:  # only a teacher's run makes the split
             pairs.setdefault(k, v)
+    if pairs.get("pathway") == "dckd":  # DCKD runs from before --dckd_level: the bottleneck
+        pairs.setdefault("dckd_level", "bottleneck")
     return {k: v for k, v in pairs.items() if k not in NEUTRAL_OPTIONS}
 
 

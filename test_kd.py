@@ -1695,6 +1695,13 @@ def test_study_end_to_end_resumes_and_draws(tmp_path):
     # other options in the same folder: refused, not mixed in; nor another precision for a new run
     with pytest.raises(UserError, match="--epochs"):
         study.main(STUDY_TINY + ["--out", out, "--epochs", "2"])
+    dckd = json.load(open(os.path.join(out, "fold0", "seed0", "DCKD.json")))["argv"]
+    assert dckd[dckd.index("--dckd_level") + 1] == "bottleneck"
+    with pytest.raises(UserError, match=r"DCKD.json: made with other options: --dckd_level bottleneck \(now dec3\)"):
+        study.main(STUDY_TINY + ["--out", out, "--dckd_level", "dec3"])
+    # a DCKD record from before --dckd_level was an option is a bottleneck run
+    old = [w for w in dckd if w not in ("--dckd_level", "bottleneck")]
+    assert study._what(old) == study._what(dckd) != study._what(old + ["--dckd_level", "dec3"])
     os.remove(os.path.join(out, "fold0", "seed0", "H_MSE.json"))
     with pytest.raises(UserError, match="ran in fp32, this call would run H_MSE fold 0 seed 0 in bf16"):
         study.main(STUDY_TINY + ["--out", out, "--amp", "bf16"])

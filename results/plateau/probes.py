@@ -315,16 +315,21 @@ def sides_table():
 
 def teachers(args):
     """Each seed's checkpoint, mirrored, the seeds' mean logits, and both, on fold 0's validation
-    part (BUSI: the 60-epoch widths 32 and 10) or, with --phantom, its validation and test parts
-    (the 40-epoch widths 24, 16, 10 and 6); the numbers go to teachers_fold0.json or teachers_phantom.json."""
+    part (BUSI: every width whose three seeds' checkpoints of --epochs are in --work) or, with
+    --phantom, its validation and test parts (the 40-epoch widths 24, 16, 10 and 6); the numbers go
+    to teachers_fold0.json (60 epochs), teachers_fold0_e<epochs>.json or teachers_phantom.json."""
     import torch
     import kd
     import runs
     import train_teacher
     from models import Ensemble, Mirrored
-    widths, epochs = ((24, 16, 10, 6), 40) if args.phantom else ((32, 10), 60)
-    ckpts = {(w, s): runs.load_checkpoint(os.path.join(args.work, name(w, epochs, 1e-3, s, args.phantom) + ".pt"), "teacher")
-             for w in widths for s in SEEDS}
+    epochs = 40 if args.phantom else args.epochs
+    path = lambda w, s: os.path.join(args.work, name(w, epochs, 1e-3, s, args.phantom) + ".pt")
+    widths = (24, 16, 10, 6) if args.phantom else [w for w in (32, 16, 10, 6, 4)
+                                                   if all(os.path.isfile(path(w, s)) for s in SEEDS)]
+    if not widths:
+        sys.exit(f"--teachers: no width has the checkpoints of seeds 0-2 at {epochs} epochs in {args.work}")
+    ckpts = {(w, s): runs.load_checkpoint(path(w, s), "teacher") for w in widths for s in SEEDS}
     data_argv = ["--data", "phantom", "--size", "96"] if args.phantom else ["--data", args.data, "--size", "96"]
     data, splits = runs.load_split_data(train_teacher.options().parse_args(data_argv))
     device = torch.device("cpu")
@@ -339,7 +344,8 @@ def teachers(args):
                 ensemble=dice(Ensemble(models)), mirrored_ensemble=dice(Mirrored(Ensemble(models))))
     out.update(data=data_argv[1], fold=0, images={part: len(splits[0][part]) for part in ("val", "test")},
                epochs=epochs, machine=runs.machine_name(device), precision=runs.precision_name(dtype))
-    with open(os.path.join(HERE, "teachers_phantom.json" if args.phantom else "teachers_fold0.json"), "w") as f:
+    file = "teachers_phantom.json" if args.phantom else "teachers_fold0.json" if epochs == 60 else f"teachers_fold0_e{epochs}.json"
+    with open(os.path.join(HERE, file), "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps(out, indent=1))
 
@@ -350,6 +356,7 @@ if __name__ == "__main__":
     p.add_argument("--work", default=os.path.join("out", "plateau"), help="checkpoints, logs and claims")
     p.add_argument("--table", action="store_true", help="print (and write table.md) from the records")
     p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
+    p.add_argument("--epochs", type=int, default=60, help="--teachers: the checkpoints of this many epochs")
     p.add_argument("--phantom", action="store_true", help="the phantom probes (records in phantom/) instead of BUSI's")
     p.add_argument("--sides", action="store_true", help="the quick start with its student at 96, 48 and 32 px (sides/)")
     a = p.parse_args()
