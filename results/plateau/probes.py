@@ -11,6 +11,7 @@ its record holds every epoch's validation loss and Dice, so the table shows both
     python results/plateau/probes.py --data data/Dataset_BUSI_with_GT --teachers   # can a teacher know more?
     python results/plateau/probes.py --phantom [--table]                # the same question on the phantom
     python results/plateau/probes.py --sides [--table]                  # the quick start's student side
+    python results/plateau/probes.py --data data/Dataset_BUSI_with_GT --dckd   # a worker: DCKD's feature level
 
 Workers share the queue: each claims a run by creating its .claim file in --work (checkpoints and
 logs stay there, out of git); a run's record (options, per-epoch validation loss and Dice, times,
@@ -25,6 +26,10 @@ knows more than the student alone there, within the quick start's few minutes? -
 start itself (train_teacher.py, then train_student.py, phantom defaults) for seeds 0-2 with the student at
 96, 48 and 32 px under the 96-px teacher; its records (sides/) hold each run's validation Dice, the
 teacher's on the student's grid included (the side is chosen on them), and the test Dice per image.
+--dckd runs DCKD (train_student.py --pathway dckd) at each of DCKD_LEVELS: the width-6 student from the
+same seed's 120-epoch width-32 teacher, the probes' recipe, records in dckd/ and a table in table.md. At
+the bottleneck (6x6 positions at 96 px) a small lesion covers no position and gives no anchor; at dec3
+(24x24) nearly every lesion does, at 16 times the positions. The level is chosen on validation.
 """
 import argparse
 import glob
@@ -47,6 +52,7 @@ QUEUE = [  # (width, epochs, lr[, side]), each for seeds 0, 1, 2, in this order;
 SEEDS = (0, 1, 2)
 
 
+DCKD_LEVELS = ("bottleneck", "dec3")  # DCKD's feature level: 6x6 and 24x24 positions at 96 px
 PHANTOM_QUEUE = [(24, 16), (10, 16), (4, 16), (16, 40), (10, 40), (6, 40), (24, 40), (4, 40)]  # (width, epochs)
 
 
@@ -55,7 +61,15 @@ def name(width, epochs, lr, seed, phantom=False, size=SIZE):
 
 
 def queue(args):
-    """(run name, width, epochs, lr, seed, train_teacher.py's words) of every probe, in order."""
+    """(run name, width, epochs, lr, seed, the script's words) of every probe, in order: train_teacher.py's,
+    or with --dckd train_student.py's (DCKD at each level, the width-6 student at 120 epochs from the same
+    seed's 120-epoch width-32 teacher; seed by seed, so that each level's first runs are paired)."""
+    if args.dckd:
+        return [(f"dckd_{level}_w6_e120_lr0.001_s{s}", 6, 120, 1e-3, s, [
+            "--teacher", os.path.join(args.work, name(32, 120, 1e-3, s) + ".pt"), "--data", args.data, "--pathway",
+            "dckd", "--dckd_level", level, "--width", "6", "--epochs", "120", "--patience", "120", "--batch_size", "16",
+            "--lr", "0.001", "--schedule", "cosine", "--warmup", "3", "--select", "loss", "--seed", str(s), "--device",
+            "cpu", "--aug", "strong", "--no-alone"]) for s in SEEDS for level in DCKD_LEVELS]
     if args.phantom:  # the quick start's settings (96 px, 240 images, batch 8), only widths and lengths vary
         return [(name(w, e, 1e-3, s, True), w, e, 1e-3, s, ["--data", "phantom", "--width", str(w), "--epochs", str(e),
                  "--patience", str(e), "--select", "loss", "--seed", str(s), "--device", "cpu"]) for w, e in PHANTOM_QUEUE for s in SEEDS]
@@ -81,17 +95,17 @@ def write_record(path, run, width, epochs, lr, seed, argv, ckpt, with_test=False
         json.dump(rec, f, indent=1)
 
 
-def train(argv, out, log=None):
-    """train_teacher.py with these words, going on with its unfinished state if there is one; its exit code."""
+def train(argv, out, log=None, script="train_teacher.py"):
+    """The script with these words, going on with its unfinished state if there is one; its exit code."""
     import runs
     resume = ["--resume"] if os.path.isfile(runs.state_path(out)) else []
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_teacher.py"), *argv, *resume],
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv, *resume],
                           stdout=log, stderr=log).returncode
 
 
 def work(args):
     import torch
-    records = os.path.join(HERE, "phantom" if args.phantom else "records")
+    records = os.path.join(HERE, "phantom" if args.phantom else "dckd" if args.dckd else "records")
     os.makedirs(records, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     for run, width, epochs, lr, seed, argv in queue(args):
@@ -106,14 +120,16 @@ def work(args):
         argv = argv + ["--out", out]
         t0 = time.time()
         with open(os.path.join(args.work, run + ".log"), "a") as log:
-            rc = train(argv, out, log)
+            rc = train(argv, out, log, "train_student.py" if args.dckd else "train_teacher.py")
         if rc:
             os.remove(os.path.join(args.work, run + ".claim"))
             print(f"{run}: failed ({rc}), see its log", flush=True)
             continue
         ckpt = torch.load(out, weights_only=True)
-        grid = {} if args.phantom or ckpt["args"]["size"] == SIZE else dict(on_student_grid=on_student_grid(out, args.data))
-        write_record(record, run, width, epochs, lr, seed, argv, ckpt, args.phantom, **grid)
+        more = {} if args.phantom or ckpt["args"]["size"] == SIZE else dict(on_student_grid=on_student_grid(out, args.data))
+        if args.dckd:
+            more["dckd_level"] = ckpt["args"]["dckd_level"]
+        write_record(record, run, width, epochs, lr, seed, argv, ckpt, args.phantom, **more)
         print(f"{run}: done in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -171,7 +187,7 @@ def table():
         n = min(len(r["history"]) for r in rs)
         cells = [f"{100 * mean([r['history'][k - 1]['val_dice'] for r in rs]):.1f}" if k <= n else "" for k in range(10, 241, 10)]
         lines.append(f"| {w} | {lr:g} | {e} | " + " | ".join(cells) + " |")
-    lines += larger_teachers(recs, groups)
+    lines += larger_teachers(recs, groups) + dckd_levels(groups)
     gap = [100 * (r["history"][-1]["val_dice"] - lowest(r)["val_dice"]) for r in recs]
     lines += ["", f"Last epoch against the lowest-validation-loss epoch, validation Dice: {mean(gap):+.2f} on average over "
               f"the {len(recs)} runs, higher in {sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)} (the "
@@ -209,6 +225,30 @@ def larger_teachers(recs, groups):
             leads.append(" / ".join(f"{100 * v:+.2f}" for v in d) + f" (mean {100 * sum(d) / len(d):+.2f})" if d else "")
         lines.append(f"| width {w} | {px} px | {e} | {', '.join(map(str, sorted(rs)))} | {seeds(own)} | {seeds(flip)} | "
                      f"{leads[0]} | {leads[1]} |")
+    return lines
+
+
+def dckd_levels(groups):
+    """Table lines: DCKD at each feature level (probes.py --dckd), validation Dice seed by seed, and its
+    gain over the same seed's width-6 student alone (same recipe, same initial weights and batches)."""
+    recs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "dckd", "*.json")))]
+    if not recs:
+        return []
+    alone = {r["seed"]: r for r in groups.get((6, 1e-3, 120), [])}
+    tail = lambda r: sum(h["val_dice"] for h in r["history"][-12:]) / 12  # the last tenth of 120 epochs
+    plain = lambda xs: " / ".join(f"{100 * x:.2f}" for x in xs)
+    signed = lambda xs: " / ".join(f"{100 * x:+.2f}" for x in xs) + f" (mean {100 * sum(xs) / len(xs):+.2f})" if xs else ""
+    lines = ["", "DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's 120-epoch width-32 "
+             "teacher, validation Dice by seed; the gain is over the same seed's width-6 student alone at 120 epochs:", "",
+             "| level | seeds | Dice at the lowest val loss | gain | mean of last tenth | gain |", "|---|---|---|---|---|---|"]
+    for level in DCKD_LEVELS:
+        rs = sorted((r for r in recs if r["dckd_level"] == level), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        paired = [r for r in rs if r["seed"] in alone]
+        lines.append(f"| {level} | {', '.join(str(r['seed']) for r in rs)} | {plain([r['val']['dice'] for r in rs])} | "
+                     f"{signed([r['val']['dice'] - alone[r['seed']]['val']['dice'] for r in paired])} | "
+                     f"{plain([tail(r) for r in rs])} | {signed([tail(r) - tail(alone[r['seed']]) for r in paired])} |")
     return lines
 
 
@@ -358,6 +398,7 @@ if __name__ == "__main__":
     p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
     p.add_argument("--epochs", type=int, default=60, help="--teachers: the checkpoints of this many epochs")
     p.add_argument("--phantom", action="store_true", help="the phantom probes (records in phantom/) instead of BUSI's")
+    p.add_argument("--dckd", action="store_true", help="DCKD at each feature level from the 120-epoch teachers (dckd/)")
     p.add_argument("--sides", action="store_true", help="the quick start with its student at 96, 48 and 32 px (sides/)")
     a = p.parse_args()
     if a.sides:
