@@ -187,7 +187,7 @@ def table():
         n = min(len(r["history"]) for r in rs)
         cells = [f"{100 * mean([r['history'][k - 1]['val_dice'] for r in rs]):.1f}" if k <= n else "" for k in range(10, 241, 10)]
         lines.append(f"| {w} | {lr:g} | {e} | " + " | ".join(cells) + " |")
-    lines += larger_teachers(recs, groups) + dckd_levels(groups)
+    lines += larger_teachers(recs, groups) + built_teachers(groups) + dckd_levels(groups)
     gap = [100 * (r["history"][-1]["val_dice"] - lowest(r)["val_dice"]) for r in recs]
     lines += ["", f"Last epoch against the lowest-validation-loss epoch, validation Dice: {mean(gap):+.2f} on average over "
               f"the {len(recs)} runs, higher in {sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)} (the "
@@ -225,6 +225,33 @@ def larger_teachers(recs, groups):
             leads.append(" / ".join(f"{100 * v:+.2f}" for v in d) + f" (mean {100 * sum(d) / len(d):+.2f})" if d else "")
         lines.append(f"| width {w} | {px} px | {e} | {', '.join(map(str, sorted(rs)))} | {seeds(own)} | {seeds(flip)} | "
                      f"{leads[0]} | {leads[1]} |")
+    return lines
+
+
+def built_teachers(groups):
+    """Table lines: the teachers of `--teachers` (teachers_fold0*.json): each seed, mirrored, the three
+    seeds' mean logits, and both; then the lead of each over the students alone (kept epochs: lowest
+    validation loss, mean over seeds) of widths 10 and 6 at 120 epochs and width 4 at 240."""
+    files = sorted(glob.glob(os.path.join(HERE, "teachers_fold0*.json")))
+    if not files:
+        return []
+    students = [(10, 120), (6, 120), (4, 240)]
+    alone = {k: sum(r["val"]["dice"] for r in groups[k[0], 1e-3, k[1]]) / len(groups[k[0], 1e-3, k[1]])
+             for k in students if (k[0], 1e-3, k[1]) in groups}
+    lines = ["", "Teachers built from trained ones without training (`--teachers`), validation Dice; the lead is over "
+             "the students alone (mean over seeds 0-2): " + ", ".join(f"width {w} at {e} epochs {100 * v:.2f}"
+                                                                     for (w, e), v in alone.items()) + ":", "",
+             "| teacher | epochs | view | Dice | " + " | ".join(f"lead over width {w}" for w, _ in alone) + " |",
+             "|---|---|---|---|" + "---|" * len(alone)]
+    for path in files:
+        t = json.load(open(path))
+        for key in [k for k in t if k.startswith("width")]:
+            for view, dice in (("each seed", t[key]["each"]), ("each seed, mirrored", t[key]["mirrored"]),
+                               ("3 seeds' mean logits", [t[key]["ensemble"]]),
+                               ("3 seeds' mean logits, mirrored", [t[key]["mirrored_ensemble"]])):
+                mean = sum(dice) / len(dice)
+                lines.append(f"| {key} | {t.get('epochs', 60)} | {view} | {' / '.join(f'{d:.2f}' for d in dice)} | "
+                             + " | ".join(f"{mean - 100 * v:+.2f}" for v in alone.values()) + " |")
     return lines
 
 
