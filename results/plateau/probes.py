@@ -262,7 +262,7 @@ def dckd_levels(groups):
     if not recs:
         return []
     alone = {r["seed"]: r for r in groups.get((6, 1e-3, 120), [])}
-    tail = lambda r: sum(h["val_dice"] for h in r["history"][-12:]) / 12  # the last tenth of 120 epochs
+    tail = lambda r: (lambda h: sum(x["val_dice"] for x in h) / len(h))(r["history"][-max(1, r["epochs"] // 10):])
     plain = lambda xs: " / ".join(f"{100 * x:.2f}" for x in xs)
     signed = lambda xs: " / ".join(f"{100 * x:+.2f}" for x in xs) + f" (mean {100 * sum(xs) / len(xs):+.2f})" if xs else ""
     lines = ["", "DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's 120-epoch width-32 "
