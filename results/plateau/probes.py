@@ -159,6 +159,12 @@ def pooled_dice(ckpt, big, small, indices, mirrored=False):
                        runs.amp_dtype(device))
 
 
+def last_tenth(r):
+    """A run's mean validation Dice over the last tenth of its epochs."""
+    h = r["history"][-max(1, r["epochs"] // 10):]
+    return sum(x["val_dice"] for x in h) / len(h)
+
+
 def table():
     recs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "records", "*.json")))]
     groups = {}
@@ -171,11 +177,10 @@ def table():
              "epochs |", "|---|---|---|---|---|---|---|---|---|"]
     lowest = lambda r: min(r["history"], key=lambda h: h["val_loss"])
     for (w, lr, e), rs in sorted(groups.items()):
-        tail = lambda r: mean([h["val_dice"] for h in r["history"][-max(1, e // 10):]])
-        last = mean([tail(r) for r in rs])
+        last = mean([last_tenth(r) for r in rs])
         late = sum(lowest(r)["epoch"] > e - e // 10 for r in rs)
         longer = {r["seed"]: r for r in groups.get((w, lr, 2 * e), [])}
-        pairs = [(tail(r), tail(longer[r["seed"]])) for r in rs if r["seed"] in longer]  # the same seeds only
+        pairs = [(last_tenth(r), last_tenth(longer[r["seed"]])) for r in rs if r["seed"] in longer]  # the same seeds only
         change = f"{100 * mean([b - a for a, b in pairs]):+.2f} ({len(pairs)} of 3 seeds)" if pairs else ""
         lines.append(f"| {w} | {lr:g} | {e} | {len(rs)} | {100 * mean([lowest(r)['val_dice'] for r in rs]):.2f} | "
                      f"{100 * mean([r['history'][-1]['val_dice'] for r in rs]):.2f} | {100 * last:.2f} | "
@@ -262,7 +267,6 @@ def dckd_levels(groups):
     if not recs:
         return []
     alone = {r["seed"]: r for r in groups.get((6, 1e-3, 120), [])}
-    tail = lambda r: (lambda h: sum(x["val_dice"] for x in h) / len(h))(r["history"][-max(1, r["epochs"] // 10):])
     plain = lambda xs: " / ".join(f"{100 * x:.2f}" for x in xs)
     signed = lambda xs: " / ".join(f"{100 * x:+.2f}" for x in xs) + f" (mean {100 * sum(xs) / len(xs):+.2f})" if xs else ""
     lines = ["", "DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's 120-epoch width-32 "
@@ -275,7 +279,7 @@ def dckd_levels(groups):
         paired = [r for r in rs if r["seed"] in alone]
         lines.append(f"| {level} | {', '.join(str(r['seed']) for r in rs)} | {plain([r['val']['dice'] for r in rs])} | "
                      f"{signed([r['val']['dice'] - alone[r['seed']]['val']['dice'] for r in paired])} | "
-                     f"{plain([tail(r) for r in rs])} | {signed([tail(r) - tail(alone[r['seed']]) for r in paired])} |")
+                     f"{plain([last_tenth(r) for r in rs])} | {signed([last_tenth(r) - last_tenth(alone[r['seed']]) for r in paired])} |")
     return lines
 
 
