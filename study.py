@@ -19,6 +19,8 @@ are enough to print the table. At the end it writes table.md (printed too), resu
 pictures.png into the study folder. With --ensembles it trains nothing and asks whether a teacher
 could know more: each teacher row against the mean-logits ensemble of its seeds and against itself
 on the image and its mirror image (ensembles_fold<F>_seed<S>.json, named by the folds and seeds).
+With --trend out/w4,out/w6,out/w10 it trains nothing and prints the student-size trend from those
+study folders' results.json (one student width each): Dice against parameters, with intervals.
 """
 import argparse
 import glob
@@ -69,6 +71,7 @@ DEFAULTS = dict(  # every default in one place
     perm_seed=0,
     table_only=False,
     ensembles=False,
+    trend="",
     pictures=4,
     out="out/study",
 )
@@ -119,6 +122,8 @@ def options():
     add("--ensembles", action=argparse.BooleanOptionalAction, help="train nothing: with the checkpoints of every "
         "seed in --out, test each teacher (and the student alone) against the mean-logits ensemble of its "
         "seeds and its mirrored self; writes ensembles_fold<F>_seed<S>.json")
+    add("--trend", help="train nothing: study folders of one data set at different --student_width, comma-separated; "
+        "print the student alone and the best distilled row (chosen on validation) of each against its parameters")
     add("--pictures", type=int, help="test images of the first fold shown in pictures.png (0: no picture)")
     add("--out", help="the study folder: runs, checkpoints, table.md, results.json, pictures.png")
     return p
@@ -342,7 +347,7 @@ def summarise(records, rows, n_perm, perm_seed):
         dice = [r["dice"] for r in recs]
         s = dict(runs=len(recs), folds=sorted({r["fold"] for r in recs}), seeds=sorted({r["seed"] for r in recs}),
                  dice_mean=float(np.mean(dice)), dice_std=float(np.std(dice, ddof=1)) if len(dice) > 1 else None,
-                 val_dice_mean=float(np.mean([r["val_dice"] for r in recs])),
+                 dice_interval=kd.paired_interval(dice)[1:], val_dice_mean=float(np.mean([r["val_dice"] for r in recs])),
                  iou_mean=float(np.mean([r["iou"] for r in recs])), parameters=recs[0]["parameters"],
                  train_seconds=float(sum(r["train_seconds"] for r in recs)),
                  precision=sorted({r["precision"] for r in recs}), paper=PAPER.get(row),
@@ -473,6 +478,38 @@ def format_table(summary, args):
                      "Teacher's lead. L_KLD_WAug_Ens3: L_KLD_WAug distilled from the mean logits of Teacher_WAug's "
                      "seeds 0, 1 and 2 (its share is of one Teacher_WAug's lead on the same folds and seeds). L_CWD: "
                      "channel-wise distillation of the logits (Shu et al. 2021).")
+    return "\n".join(lines)
+
+
+def trend(folders):
+    """The student-size trend: from each study folder's results.json (one student width each, the same
+    data, split and teacher), the student alone and the distilled row of highest mean validation Dice,
+    their test Dice with a 95% t interval over the runs, and the gain (paired by fold and seed) with its
+    interval; the rows sorted by the student's parameters."""
+    lines = ["| Student width | Params | Student alone: runs, Dice [95% CI] | Best distilled row (by val Dice) "
+             "| Its runs, Dice [95% CI] | Gain over Student alone [95% CI] |", "|---|---|---|---|---|---|"]
+    found = []
+    for folder in folders:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise UserError(f"--trend {folder}: no results.json there; run study.py --table_only --out {folder} first")
+        with open(path) as f:
+            res = json.load(f)
+        rows = res["rows"]
+        distilled = [r for r in DISTILLED if r in rows]
+        if "Student" not in rows or not distilled or "dice_interval" not in rows["Student"]:
+            raise UserError(f"--trend {folder}: its results.json needs the student alone and a distilled row, "
+                            f"summarised by this version; run study.py --table_only --out {folder} first")
+        found.append((rows["Student"]["parameters"], res["options"]["student_width"], rows,
+                      max(distilled, key=lambda r: rows[r]["val_dice_mean"])))
+    pct = lambda x: "—" if x is None else f"{100 * x:.2f}"
+    signed = lambda x: f"{100 * x:+.2f}"
+    dice = lambda s: f"{s['runs']}, {pct(s['dice_mean'])} [{pct(s['dice_interval'][0])}, {pct(s['dice_interval'][1])}]"
+    for params, width, rows, best in sorted(found, key=lambda t: t[0]):
+        g = rows[best]["gain"]
+        gain = signed(g[0]) + ("" if g[1] is None else f" [{signed(g[1])}, {signed(g[2])}]")
+        lines.append(f"| {width} | {runs.fmt_params(params)} | {dice(rows['Student'])} | {best} | "
+                     f"{dice(rows[best])} | {gain} |")
     return "\n".join(lines)
 
 
@@ -627,6 +664,10 @@ def main(argv=None):
     (row, fold, seed) runs this call trained (none when everything was done already)."""
     p = options()
     args = runs.choose_data(p, argv, p.parse_args(argv), PHANTOM_DEMO)
+    if args.trend:
+        table = trend([f for f in args.trend.split(",") if f.strip()])
+        print(table)
+        return dict(table=table)
     runs.check_at_least(args)
     folds = sorted({int(f) for f in _choose(args.fold_list, [str(f) for f in range(args.folds)], "fold_list")})
     try:

@@ -1621,6 +1621,9 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert mean == pytest.approx(0.25)
     half = kd.t_quantile(0.975, 3) * np.std(list(shift.values()), ddof=1) / 2
     assert low == pytest.approx(0.25 - half) and high == pytest.approx(0.25 + half)
+    dice = [np.mean(base[k]) + shift[k] for k in keys]  # the row's Dice per run, and its interval
+    half = kd.t_quantile(0.975, 3) * np.std(dice, ddof=1) / 2
+    assert s["dice_interval"] == pytest.approx((np.mean(dice) - half, np.mean(dice) + half))
     assert s["gain_by_fold"] == pytest.approx({0: 0.15, 1: 0.35}) and s["gain_by_seed"] == pytest.approx({0: 0.2, 1: 0.3})
     share, lo, hi = s["share_of_lead"]  # gains 0.1-0.4 of a lead of 0.5 in every pair
     assert s["teacher_lead"] == pytest.approx(0.5) and share == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
@@ -1794,6 +1797,38 @@ def test_study_ensemble_row_distils_every_seeds_teacher(tmp_path):
         os.remove(os.path.join(folder(s), "Teacher_WAug.pt"))
     assert study.main(words + ["--seeds", "0,1,2"])["ran"] == [
         (r, 0, s) for s in (0, 1, 2) for r in ("Teacher_WAug", "L_KLD_WAug")] + [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
+
+
+def test_study_trend_puts_student_widths_side_by_side(tmp_path):
+    """Two study folders' results.json, made from hand-made records: the trend keeps each folder's
+    student alone and its distilled row of highest validation Dice, sorted by parameters."""
+    def rec(row, seed, dice, val_dice, params):
+        return dict(row=row, fold=0, seed=seed, dice=dice, val_dice=val_dice, iou=0.5, per_image_dice=[dice],
+                    names=["img0"], parameters=params, train_seconds=1.0, precision="fp32", epoch=5, argv=["--epochs", "10"])
+    made = {  # width -> row -> (Dice of seeds 0, 1, 2; validation Dice; parameters)
+        10: {"Student": ([0.60, 0.64, 0.62], 0.6, 760), "L_KLD": ([0.70, 0.66, 0.71], 0.9, 760),
+             "H_MSE": ([0.80, 0.81, 0.82], 0.7, 760)},  # best on test, not on validation: not chosen
+        4: {"Student": ([0.50, 0.40, 0.45], 0.5, 120), "H_MSE": ([0.52, 0.44, 0.45], 0.8, 120)}}
+    folders = []
+    for w, rows in made.items():
+        records = {(r, 0, k): rec(r, k, d[k], v, p) for r, (d, v, p) in rows.items() for k in range(3)}
+        summary = study.summarise(records, list(rows), n_perm=99, perm_seed=0)
+        folders.append(str(tmp_path / f"w{w}"))
+        os.makedirs(folders[-1])
+        with open(os.path.join(folders[-1], "results.json"), "w") as f:
+            json.dump(dict(options=dict(student_width=w), rows=summary), f)
+    t = kd.t_quantile(0.975, 2)
+    ci = lambda xs, fmt: f"{fmt(100 * np.mean(xs))} [{fmt(100 * (np.mean(xs) - t * np.std(xs, ddof=1) / np.sqrt(3)))}, " \
+                         f"{fmt(100 * (np.mean(xs) + t * np.std(xs, ddof=1) / np.sqrt(3)))}]"
+    plain, signed = "{:.2f}".format, "{:+.2f}".format
+    expected = []
+    for w, best in ((4, "H_MSE"), (10, "L_KLD")):
+        alone, mine = made[w]["Student"][0], made[w][best][0]
+        expected.append(f"| {w} | {runs.fmt_params(made[w]['Student'][2])} | 3, {ci(alone, plain)} | {best} | "
+                        f"3, {ci(mine, plain)} | {ci([b - a for a, b in zip(alone, mine)], signed)} |")
+    assert study.main(STUDY_TINY + ["--trend", ",".join(folders)])["table"].splitlines()[2:] == expected
+    with pytest.raises(UserError, match=f"--trend {tmp_path}: no results.json there"):
+        study.main(STUDY_TINY + ["--trend", str(tmp_path)])
 
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
