@@ -347,7 +347,7 @@ def summarise(records, rows, n_perm, perm_seed):
         dice = [r["dice"] for r in recs]
         s = dict(runs=len(recs), folds=sorted({r["fold"] for r in recs}), seeds=sorted({r["seed"] for r in recs}),
                  dice_mean=float(np.mean(dice)), dice_std=float(np.std(dice, ddof=1)) if len(dice) > 1 else None,
-                 dice_interval=kd.paired_interval(dice)[1:], val_dice_mean=float(np.mean([r["val_dice"] for r in recs])),
+                 val_dice_mean=float(np.mean([r["val_dice"] for r in recs])),
                  iou_mean=float(np.mean([r["iou"] for r in recs])), parameters=recs[0]["parameters"],
                  train_seconds=float(sum(r["train_seconds"] for r in recs)),
                  precision=sorted({r["precision"] for r in recs}), paper=PAPER.get(row),
@@ -454,7 +454,8 @@ def format_table(summary, args):
         "",
         f"Data: {args.data}, folds {','.join(map(str, folds))} of {args.folds}, seeds {','.join(map(str, seeds))}, "
         f"{args.size}x{args.size}, teacher width {args.teacher_width}, student width {args.student_width}, at most "
-        f"{args.epochs} epochs (patience {args.patience}), batch {args.batch_size}, lr {args.lr}; "
+        f"{args.epochs} epochs (patience {args.patience}), batch {args.batch_size}, lr {args.lr}"
+        f"{f', DCKD at the {args.dckd_level} level' if 'DCKD' in summary else ''}; "
         f"precision {', '.join(precisions)}. A run is one fold and one seed; Dice: mean ± sample std over a row's runs "
         f"of each run's mean test Dice; Val Dice: the same on the validation part, which is what rows are chosen by.",
         "Gain: the row's Dice minus the student alone's, paired by fold and seed, mean and 95% t interval over the "
@@ -481,35 +482,52 @@ def format_table(summary, args):
     return "\n".join(lines)
 
 
+# The options that must agree between the study folders of one trend: all but the student's width.
+TREND_SAME = ("data", "classes", "folds", "size", "phantom_count", "data_seed", "val_fraction", "near_dup",
+              "teacher_width", "epochs", "patience", "batch_size", "lr", "schedule", "warmup", "select", "alpha", "T",
+              "dckd_level")
+
+
 def trend(folders):
-    """The student-size trend: from each study folder's results.json (one student width each, the same
-    data, split and teacher), the student alone and the distilled row of highest mean validation Dice,
-    their test Dice with a 95% t interval over the runs, and the gain (paired by fold and seed) with its
-    interval; the rows sorted by the student's parameters."""
+    """The student-size trend: from each study folder's results.json (one student width each, every
+    other option the same), the student alone and the distilled row of highest mean validation Dice
+    among those with as many runs, their test Dice with a 95% t interval over the runs, and the gain
+    (paired by fold and seed) with its interval; the rows sorted by the student's parameters."""
     lines = ["| Student width | Params | Student alone: runs, Dice [95% CI] | Best distilled row (by val Dice) "
              "| Its runs, Dice [95% CI] | Gain over Student alone [95% CI] |", "|---|---|---|---|---|---|"]
     found = []
     for folder in folders:
         path = os.path.join(folder, "results.json")
         if not os.path.isfile(path):
-            raise UserError(f"--trend {folder}: no results.json there; run study.py --table_only --out {folder} first")
+            raise UserError(f"--trend {folder}: no results.json there; run its study (or study.py --table_only with "
+                            f"its options) first")
         with open(path) as f:
             res = json.load(f)
-        rows = res["rows"]
-        distilled = [r for r in DISTILLED if r in rows]
-        if "Student" not in rows or not distilled or "dice_interval" not in rows["Student"]:
-            raise UserError(f"--trend {folder}: its results.json needs the student alone and a distilled row, "
-                            f"summarised by this version; run study.py --table_only --out {folder} first")
-        found.append((rows["Student"]["parameters"], res["options"]["student_width"], rows,
-                      max(distilled, key=lambda r: rows[r]["val_dice_mean"])))
-    pct = lambda x: "—" if x is None else f"{100 * x:.2f}"
+        rows, options = res["rows"], res["options"]
+        if found:
+            differ = [k for k in TREND_SAME if options.get(k) != found[0][0].get(k)]
+            if differ:
+                raise UserError(f"--trend {folder}: made with other options than {folders[0]}: "
+                                + ", ".join(f"--{k} {options.get(k)} (there {found[0][0].get(k)})" for k in differ))
+        if options["student_width"] in [o["student_width"] for o, *_ in found]:
+            raise UserError(f"--trend {folder}: a second folder of student width {options['student_width']}")
+        full = [r for r in DISTILLED if r in rows and "Student" in rows and rows[r]["runs"] == rows["Student"]["runs"]]
+        if not full:
+            raise UserError(f"--trend {folder}: it needs the student alone and a distilled row with as many runs")
+        found.append((options, rows, max(full, key=lambda r: rows[r]["val_dice_mean"])))  # chosen on validation
+
+    def dice(s):  # runs, mean test Dice and its 95% t interval over the runs
+        if s["dice_std"] is None:
+            return f"{s['runs']}, {100 * s['dice_mean']:.2f}"
+        half = kd.t_quantile(0.975, s["runs"] - 1) * s["dice_std"] / math.sqrt(s["runs"])
+        return f"{s['runs']}, {100 * s['dice_mean']:.2f} [{100 * (s['dice_mean'] - half):.2f}, {100 * (s['dice_mean'] + half):.2f}]"
+
     signed = lambda x: f"{100 * x:+.2f}"
-    dice = lambda s: f"{s['runs']}, {pct(s['dice_mean'])} [{pct(s['dice_interval'][0])}, {pct(s['dice_interval'][1])}]"
-    for params, width, rows, best in sorted(found, key=lambda t: t[0]):
+    for options, rows, best in sorted(found, key=lambda t: t[1]["Student"]["parameters"]):
         g = rows[best]["gain"]
-        gain = signed(g[0]) + ("" if g[1] is None else f" [{signed(g[1])}, {signed(g[2])}]")
-        lines.append(f"| {width} | {runs.fmt_params(params)} | {dice(rows['Student'])} | {best} | "
-                     f"{dice(rows[best])} | {gain} |")
+        gain = "—" if g[0] is None else signed(g[0]) + ("" if g[1] is None else f" [{signed(g[1])}, {signed(g[2])}]")
+        lines.append(f"| {options['student_width']} | {runs.fmt_params(rows['Student']['parameters'])} | "
+                     f"{dice(rows['Student'])} | {best} | {dice(rows[best])} | {gain} |")
     return "\n".join(lines)
 
 
@@ -661,13 +679,15 @@ def _choose(text, valid, what):
 
 def main(argv=None):
     """Run with command-line words `argv`; returns dict(summary, table, ran), `ran` listing the
-    (row, fold, seed) runs this call trained (none when everything was done already)."""
+    (row, fold, seed) runs this call trained (none when everything was done already); with --trend,
+    dict(table), and with --ensembles, dict(ensembles)."""
     p = options()
-    args = runs.choose_data(p, argv, p.parse_args(argv), PHANTOM_DEMO)
-    if args.trend:
-        table = trend([f for f in args.trend.split(",") if f.strip()])
+    args = p.parse_args(argv)
+    if args.trend.strip():  # trains nothing: the student-size trend of finished studies
+        table = trend([f.strip() for f in args.trend.split(",") if f.strip()])
         print(table)
         return dict(table=table)
+    args = runs.choose_data(p, argv, args, PHANTOM_DEMO)
     runs.check_at_least(args)
     folds = sorted({int(f) for f in _choose(args.fold_list, [str(f) for f in range(args.folds)], "fold_list")})
     try:

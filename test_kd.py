@@ -1621,9 +1621,6 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert mean == pytest.approx(0.25)
     half = kd.t_quantile(0.975, 3) * np.std(list(shift.values()), ddof=1) / 2
     assert low == pytest.approx(0.25 - half) and high == pytest.approx(0.25 + half)
-    dice = [np.mean(base[k]) + shift[k] for k in keys]  # the row's Dice per run, and its interval
-    half = kd.t_quantile(0.975, 3) * np.std(dice, ddof=1) / 2
-    assert s["dice_interval"] == pytest.approx((np.mean(dice) - half, np.mean(dice) + half))
     assert s["gain_by_fold"] == pytest.approx({0: 0.15, 1: 0.35}) and s["gain_by_seed"] == pytest.approx({0: 0.2, 1: 0.3})
     share, lo, hi = s["share_of_lead"]  # gains 0.1-0.4 of a lead of 0.5 in every pair
     assert s["teacher_lead"] == pytest.approx(0.5) and share == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
@@ -1808,10 +1805,11 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     made = {  # width -> row -> (Dice of seeds 0, 1, 2; validation Dice; parameters)
         10: {"Student": ([0.60, 0.64, 0.62], 0.6, 760), "L_KLD": ([0.70, 0.66, 0.71], 0.9, 760),
              "H_MSE": ([0.80, 0.81, 0.82], 0.7, 760)},  # best on test, not on validation: not chosen
-        4: {"Student": ([0.50, 0.40, 0.45], 0.5, 120), "H_MSE": ([0.52, 0.44, 0.45], 0.8, 120)}}
+        4: {"Student": ([0.50, 0.40, 0.45], 0.5, 120), "H_MSE": ([0.52, 0.44, 0.45], 0.8, 120),
+            "L_MSE": ([0.90], 0.99, 120)}}  # one run against the student alone's three: not chosen
     folders = []
     for w, rows in made.items():
-        records = {(r, 0, k): rec(r, k, d[k], v, p) for r, (d, v, p) in rows.items() for k in range(3)}
+        records = {(r, 0, k): rec(r, k, d[k], v, p) for r, (d, v, p) in rows.items() for k in range(len(d))}
         summary = study.summarise(records, list(rows), n_perm=99, perm_seed=0)
         folders.append(str(tmp_path / f"w{w}"))
         os.makedirs(folders[-1])
@@ -1829,6 +1827,11 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     assert study.main(STUDY_TINY + ["--trend", ",".join(folders)])["table"].splitlines()[2:] == expected
     with pytest.raises(UserError, match=f"--trend {tmp_path}: no results.json there"):
         study.main(STUDY_TINY + ["--trend", str(tmp_path)])
+    other = tmp_path / "w6"  # a study of other epochs is not a point of the same trend
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps(dict(options=dict(student_width=6, epochs=20), rows=summary)))
+    with pytest.raises(UserError, match=r"w6: made with other options than .*w10: --epochs 20 \(there None\)"):
+        study.main(STUDY_TINY + ["--trend", ",".join(folders + [str(other)])])
 
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),

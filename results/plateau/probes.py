@@ -15,12 +15,12 @@ its record holds every epoch's validation loss and Dice, so the table shows both
 
 Workers share the queue: each claims a run by creating its .claim file in --work (checkpoints and
 logs stay there, out of git); a run's record (options, per-epoch validation loss and Dice, times,
-machine; no test figures: choices are made on validation) lands in results/plateau/records/.
+machine; no test figures: choices are made on validation) lands in results/plateau/records/ (--dckd: dckd/).
 A recipe counts as converged when doubling its epochs moves the mean validation Dice by less than
 half a point. Run several workers with OMP_NUM_THREADS=1 to share a CPU's cores. --teachers asks, on
-the same validation part, whether a teacher built from the 60-epoch checkpoints knows more than one
-student alone: each seed, mirrored (models.Mirrored), the 3 seeds' mean logits (models.Ensemble),
-and both at once; it writes teachers_fold0.json. --phantom runs (and tabulates, in phantom.md) U-Nets of
+the same validation part, whether a teacher built from the checkpoints of --epochs (60) knows more than
+one student alone: each seed, mirrored (models.Mirrored), the 3 seeds' mean logits (models.Ensemble),
+and both at once; it writes teachers_fold0.json (teachers_fold0_e<epochs>.json for other lengths). --phantom runs (and tabulates, in phantom.md) U-Nets of
 several widths at the quick start's phantom settings for 16 and 40 epochs: is there a teacher that
 knows more than the student alone there, within the quick start's few minutes? --sides runs the quick
 start itself (train_teacher.py, then train_student.py, phantom defaults) for seeds 0-2 with the student at
@@ -110,6 +110,9 @@ def work(args):
     os.makedirs(args.work, exist_ok=True)
     for run, width, epochs, lr, seed, argv in queue(args):
         record = os.path.join(records, run + ".json")
+        if args.dckd and not os.path.isfile(argv[1]):  # its teacher: the probe of width 32, 120 epochs, this seed
+            print(f"{run}: needs {argv[1]}; run the width-32 120-epoch probes first, with the same --work", flush=True)
+            continue
         try:
             os.close(os.open(os.path.join(args.work, run + ".claim"), os.O_CREAT | os.O_EXCL))
         except FileExistsError:
@@ -192,14 +195,14 @@ def table():
         n = min(len(r["history"]) for r in rs)
         cells = [f"{100 * mean([r['history'][k - 1]['val_dice'] for r in rs]):.1f}" if k <= n else "" for k in range(10, 241, 10)]
         lines.append(f"| {w} | {lr:g} | {e} | " + " | ".join(cells) + " |")
-    lines += larger_teachers(recs, groups) + built_teachers(groups) + dckd_levels(groups)
     gap = [100 * (r["history"][-1]["val_dice"] - lowest(r)["val_dice"]) for r in recs]
     lines += ["", f"Last epoch against the lowest-validation-loss epoch, validation Dice: {mean(gap):+.2f} on average over "
-              f"the {len(recs)} runs, higher in {sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)} (the "
+              f"the {len(recs)} runs above, higher in {sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)} (the "
               "latter is itself chosen on this validation part, so the comparison favours it)."]
     machines = sorted({r["machine"] for r in recs})
-    lines += ["", f"Records: {len(recs)} runs, fold 0 of the near-copy-aware split (--near_dup 0.95), validation part only; "
-              f"machines: {'; '.join(machines)}."]
+    lines += ["", f"Records: {len(recs)} runs (records/), fold 0 of the near-copy-aware split (--near_dup 0.95), validation "
+              f"part only; machines: {'; '.join(machines)}."]
+    lines += larger_teachers(recs, groups) + built_teachers(groups) + dckd_levels(groups)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write(text)
@@ -240,12 +243,11 @@ def built_teachers(groups):
     files = sorted(glob.glob(os.path.join(HERE, "teachers_fold0*.json")))
     if not files:
         return []
-    students = [(10, 120), (6, 120), (4, 240)]
-    alone = {k: sum(r["val"]["dice"] for r in groups[k[0], 1e-3, k[1]]) / len(groups[k[0], 1e-3, k[1]])
-             for k in students if (k[0], 1e-3, k[1]) in groups}
+    students = [groups[w, 1e-3, e] for w, e in [(10, 120), (6, 120), (4, 240)] if (w, 1e-3, e) in groups]
+    alone = {(rs[0]["width"], rs[0]["epochs"]): sum(r["val"]["dice"] for r in rs) / len(rs) for rs in students}
     lines = ["", "Teachers built from trained ones without training (`--teachers`), validation Dice; the lead is over "
-             "the students alone (mean over seeds 0-2): " + ", ".join(f"width {w} at {e} epochs {100 * v:.2f}"
-                                                                     for (w, e), v in alone.items()) + ":", "",
+             "the students alone (kept epochs, mean over seeds): " + ", ".join(f"width {w} at {e} epochs {100 * v:.2f}"
+                                                                         for (w, e), v in alone.items()) + ":", "",
              "| teacher | epochs | view | Dice | " + " | ".join(f"lead over width {w}" for w, _ in alone) + " |",
              "|---|---|---|---|" + "---|" * len(alone)]
     for path in files:
@@ -254,9 +256,9 @@ def built_teachers(groups):
             for view, dice in (("each seed", t[key]["each"]), ("each seed, mirrored", t[key]["mirrored"]),
                                ("3 seeds' mean logits", [t[key]["ensemble"]]),
                                ("3 seeds' mean logits, mirrored", [t[key]["mirrored_ensemble"]])):
-                mean = sum(dice) / len(dice)
+                avg = sum(dice) / len(dice)
                 lines.append(f"| {key} | {t.get('epochs', 60)} | {view} | {' / '.join(f'{d:.2f}' for d in dice)} | "
-                             + " | ".join(f"{mean - 100 * v:+.2f}" for v in alone.values()) + " |")
+                             + " | ".join(f"{avg - 100 * v:+.2f}" for v in alone.values()) + " |")
     return lines
 
 
@@ -271,7 +273,8 @@ def dckd_levels(groups):
     signed = lambda xs: " / ".join(f"{100 * x:+.2f}" for x in xs) + f" (mean {100 * sum(xs) / len(xs):+.2f})" if xs else ""
     lines = ["", "DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's 120-epoch width-32 "
              "teacher, validation Dice by seed; the gain is over the same seed's width-6 student alone at 120 epochs:", "",
-             "| level | seeds | Dice at the lowest val loss | gain | mean of last tenth | gain |", "|---|---|---|---|---|---|"]
+             "| level | seeds | Dice at the lowest val loss | its gain | Dice, mean of last tenth | its gain |",
+             "|---|---|---|---|---|---|"]
     for level in DCKD_LEVELS:
         rs = sorted((r for r in recs if r["dckd_level"] == level), key=lambda r: r["seed"])
         if not rs:
@@ -427,7 +430,7 @@ if __name__ == "__main__":
     p.add_argument("--work", default=os.path.join("out", "plateau"), help="checkpoints, logs and claims")
     p.add_argument("--table", action="store_true", help="print (and write table.md) from the records")
     p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
-    p.add_argument("--epochs", type=int, default=60, help="--teachers: the checkpoints of this many epochs")
+    p.add_argument("--epochs", type=int, default=60, help="--teachers on BUSI: the checkpoints of this many epochs")
     p.add_argument("--phantom", action="store_true", help="the phantom probes (records in phantom/) instead of BUSI's")
     p.add_argument("--dckd", action="store_true", help="DCKD at each feature level from the 120-epoch teachers (dckd/)")
     p.add_argument("--sides", action="store_true", help="the quick start with its student at 96, 48 and 32 px (sides/)")
