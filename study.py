@@ -53,6 +53,7 @@ DEFAULTS = dict(  # every default in one place
     near_dup=0.95,
     teacher_width=64,
     student_width=10,
+    teacher_epochs=0,  # 0: --epochs
     epochs=120,  # BUSI at 96 px, cosine at 1e-3: 60 -> 120 epochs still gained 0.7 Dice (results/plateau)
     patience=120,  # no early stop: the last epochs, at the smallest rates, are where a run settles
     batch_size=16,
@@ -98,6 +99,8 @@ def options():
     add("--teacher_width", type=int, help="teacher U-Net width: 64 = 31.0M params, 112 = 95.0M (the paper's scale)")
     add("--student_width", type=int, help="student U-Net width: 10 = 0.76M params (the paper: 0.82M)")
     add("--epochs", type=int, help="most epochs of every run (the paper: 500)")
+    add("--teacher_epochs", type=int, help="most epochs of the teachers' runs, when they need longer than their "
+        "students to stop improving (0: --epochs)")
     add("--patience", type=int, help="early stopping patience of every run (the paper: 50)")
     add("--batch_size", type=int, help="images per step (the paper: 64)")
     add("--lr", type=float, help="Adam's peak learning rate (the paper: 1e-4, constant)")
@@ -182,7 +185,8 @@ def run_argv(row, fold, seed, args):
     """The exact command-line words of one run: everything explicit, so no script default (nor the
     scripts' phantom quick-demo settings) decides anything behind the study's back."""
     spec, folder = ROWS[row], run_folder(args, fold, seed)
-    common = ["--epochs", args.epochs, "--patience", args.patience, "--batch_size", args.batch_size,
+    epochs = (args.teacher_epochs or args.epochs) if "aug" in spec else args.epochs
+    common = ["--epochs", epochs, "--patience", args.patience, "--batch_size", args.batch_size,
               "--lr", args.lr, "--schedule", args.schedule, "--select", args.select, "--seed", seed,
               "--device", args.device, "--amp", args.amp] + (["--warmup", args.warmup] if args.schedule == "cosine" else [])
     if "aug" in spec:  # a teacher
@@ -454,7 +458,8 @@ def format_table(summary, args):
         "",
         f"Data: {args.data}, folds {','.join(map(str, folds))} of {args.folds}, seeds {','.join(map(str, seeds))}, "
         f"{args.size}x{args.size}, teacher width {args.teacher_width}, student width {args.student_width}, at most "
-        f"{args.epochs} epochs (patience {args.patience}), batch {args.batch_size}, lr {args.lr}"
+        f"{args.epochs} epochs{f' (teachers {args.teacher_epochs})' if args.teacher_epochs else ''} (patience "
+        f"{args.patience}), batch {args.batch_size}, lr {args.lr}"
         f"{f', DCKD at the {args.dckd_level} level' if 'DCKD' in summary else ''}; "
         f"precision {', '.join(precisions)}. A run is one fold and one seed; Dice: mean ± sample std over a row's runs "
         f"of each run's mean test Dice; Val Dice: the same on the validation part, which is what rows are chosen by.",
@@ -485,7 +490,7 @@ def format_table(summary, args):
 # The options that must agree between the study folders of one trend: all but the student's width.
 TREND_SAME = ("data", "classes", "folds", "size", "phantom_count", "data_seed", "val_fraction", "near_dup",
               "teacher_width", "epochs", "patience", "batch_size", "lr", "schedule", "warmup", "select", "alpha", "T",
-              "dckd_level")
+              "dckd_level", "teacher_epochs")
 
 
 def trend(folders):

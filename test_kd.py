@@ -1796,6 +1796,17 @@ def test_study_ensemble_row_distils_every_seeds_teacher(tmp_path):
         (r, 0, s) for s in (0, 1, 2) for r in ("Teacher_WAug", "L_KLD_WAug")] + [("L_KLD_WAug_Ens3", 0, s) for s in (0, 1, 2)]
 
 
+def test_study_teachers_may_train_longer_than_their_students(tmp_path):
+    out = str(tmp_path / "s")
+    res = study.main(STUDY_TINY + ["--out", out, "--fold_list", "0", "--rows", "Student,L_KLD", "--teacher_epochs", "2",
+                                   "--pictures", "0"])
+    epochs = {r: json.load(open(os.path.join(out, "fold0", "seed0", f"{r}.json"))) for r in ("Teacher", "Student", "L_KLD")}
+    assert [len(epochs[r]["history"]) for r in ("Teacher", "Student", "L_KLD")] == [2, 1, 1]
+    assert "at most 1 epochs (teachers 2)" in res["table"]
+    with pytest.raises(UserError, match=r"Teacher.json: made with other options: --epochs 2 \(now 1\)"):
+        study.main(STUDY_TINY + ["--out", out, "--fold_list", "0", "--rows", "Student,L_KLD", "--pictures", "0"])
+
+
 def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     """Two study folders' results.json, made from hand-made records: the trend keeps each folder's
     student alone and its distilled row of highest validation Dice, sorted by parameters."""
