@@ -430,6 +430,12 @@ def late_best(rec):
     return best > 0.9 * int(_what(rec["argv"]).get("epochs", rec["epoch"]))
 
 
+def gain_text(gain):
+    """A gain (mean, low, high) in Dice points: "+1.23 [-0.50, +2.96]", the mean alone for one pair, "—" for none."""
+    mean, low, high = (None if x is None else f"{100 * x:+.2f}" for x in gain)
+    return "—" if mean is None else mean + ("" if low is None else f" [{low}, {high}]")
+
+
 def format_table(summary, args):
     """The markdown table of summarise's rows, and what it is: data, folds and seeds of its records."""
     folds = sorted({f for s in summary.values() for f in s["folds"]})
@@ -444,7 +450,7 @@ def format_table(summary, args):
         name = f"{row}*" if row in EXTRA_ROWS else row
         spread = "" if s["dice_std"] is None else f" ± {pct(s['dice_std'])}"
         g = s["gain"]
-        gain = "—" if g[0] is None else signed(g[0]) + ("" if g[1] is None else f" [{signed(g[1])}, {signed(g[2])}]")
+        gain = gain_text(g)
         by = lambda means: " / ".join(signed(v) for v in means.values())
         split_gain = "—" if g[0] is None else f"{by(s['gain_by_fold'])}; {by(s['gain_by_seed'])}"
         sh = s.get("share_of_lead")
@@ -527,12 +533,9 @@ def trend(folders):
         half = kd.t_quantile(0.975, s["runs"] - 1) * s["dice_std"] / math.sqrt(s["runs"])
         return f"{s['runs']}, {100 * s['dice_mean']:.2f} [{100 * (s['dice_mean'] - half):.2f}, {100 * (s['dice_mean'] + half):.2f}]"
 
-    signed = lambda x: f"{100 * x:+.2f}"
     for options, rows, best in sorted(found, key=lambda t: t[1]["Student"]["parameters"]):
-        g = rows[best]["gain"]
-        gain = "—" if g[0] is None else signed(g[0]) + ("" if g[1] is None else f" [{signed(g[1])}, {signed(g[2])}]")
         lines.append(f"| {options['student_width']} | {runs.fmt_params(rows['Student']['parameters'])} | "
-                     f"{dice(rows['Student'])} | {best} | {dice(rows[best])} | {gain} |")
+                     f"{dice(rows['Student'])} | {best} | {dice(rows[best])} | {gain_text(rows[best]['gain'])} |")
     return "\n".join(lines)
 
 

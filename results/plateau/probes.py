@@ -60,6 +60,14 @@ def name(width, epochs, lr, seed, phantom=False, size=SIZE):
     return f"{'phantom_' if phantom else ''}w{width}_e{epochs}_lr{lr:g}{f'_px{size}' * (size != SIZE)}_s{seed}"
 
 
+def recipe(width, epochs, lr, seed):
+    """The probes' recipe at BUSI's scale: batch 16, Adam with a 3-epoch warm-up and cosine decay, no early
+    stop, the epoch of lowest validation loss kept, strong augmentation, on the CPU."""
+    return ["--width", str(width), "--epochs", str(epochs), "--patience", str(epochs), "--batch_size", "16", "--lr",
+            str(lr), "--schedule", "cosine", "--warmup", "3", "--select", "loss", "--seed", str(seed), "--device", "cpu",
+            "--aug", "strong"]
+
+
 def queue(args):
     """(run name, width, epochs, lr, seed, the script's words) of every probe, in order: train_teacher.py's,
     or with --dckd train_student.py's (DCKD at each level, the width-6 student at 120 epochs from the same
@@ -67,16 +75,12 @@ def queue(args):
     if args.dckd:
         return [(f"dckd_{level}_w6_e120_lr0.001_s{s}", 6, 120, 1e-3, s, [
             "--teacher", os.path.join(args.work, name(32, 120, 1e-3, s) + ".pt"), "--data", args.data, "--pathway",
-            "dckd", "--dckd_level", level, "--width", "6", "--epochs", "120", "--patience", "120", "--batch_size", "16",
-            "--lr", "0.001", "--schedule", "cosine", "--warmup", "3", "--select", "loss", "--seed", str(s), "--device",
-            "cpu", "--aug", "strong", "--no-alone"]) for s in SEEDS for level in DCKD_LEVELS]
+            "dckd", "--dckd_level", level] + recipe(6, 120, 1e-3, s) + ["--no-alone"]) for s in SEEDS for level in DCKD_LEVELS]
     if args.phantom:  # the quick start's settings (96 px, 240 images, batch 8), only widths and lengths vary
         return [(name(w, e, 1e-3, s, True), w, e, 1e-3, s, ["--data", "phantom", "--width", str(w), "--epochs", str(e),
                  "--patience", str(e), "--select", "loss", "--seed", str(s), "--device", "cpu"]) for w, e in PHANTOM_QUEUE for s in SEEDS]
-    return [(name(w, e, lr, s, size=px), w, e, lr, s, ["--data", args.data, "--size", str(px), "--fold", "0", "--width",
-             str(w), "--epochs", str(e), "--patience", str(e), "--batch_size", "16", "--lr", str(lr), "--schedule",
-             "cosine", "--warmup", "3", "--select", "loss", "--seed", str(s), "--device", "cpu", "--aug", "strong"])
-            for w, e, lr, px in [(*q, SIZE)[:4] for q in QUEUE] for s in SEEDS]
+    return [(name(w, e, lr, s, size=px), w, e, lr, s, ["--data", args.data, "--size", str(px), "--fold", "0"]
+             + recipe(w, e, lr, s)) for w, e, lr, px in [(*q, SIZE)[:4] for q in QUEUE] for s in SEEDS]
 
 
 def write_record(path, run, width, epochs, lr, seed, argv, ckpt, with_test=False, **more):
@@ -110,8 +114,9 @@ def work(args):
     os.makedirs(args.work, exist_ok=True)
     for run, width, epochs, lr, seed, argv in queue(args):
         record = os.path.join(records, run + ".json")
-        if args.dckd and not os.path.isfile(argv[1]):  # its teacher: the probe of width 32, 120 epochs, this seed
-            print(f"{run}: needs {argv[1]}; run the width-32 120-epoch probes first, with the same --work", flush=True)
+        teacher = argv[argv.index("--teacher") + 1] if args.dckd else None  # the probe of width 32, 120 epochs, this seed
+        if teacher and not os.path.isfile(teacher):
+            print(f"{run}: needs {teacher}; run the width-32 120-epoch probes first, with the same --work", flush=True)
             continue
         try:
             os.close(os.open(os.path.join(args.work, run + ".claim"), os.O_CREAT | os.O_EXCL))
