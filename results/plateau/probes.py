@@ -27,7 +27,7 @@ start itself (train_teacher.py, then train_student.py, phantom defaults) for see
 96, 48 and 32 px under the 96-px teacher; its records (sides/) hold each run's validation Dice, the
 teacher's on the student's grid included (the side is chosen on them), and the test Dice per image.
 --dckd runs DCKD (train_student.py --pathway dckd) at each of DCKD_LEVELS: the width-6 student from the
-same seed's 120-epoch width-32 teacher, the probes' recipe, records in dckd/ and a table in table.md. At
+same seed's 240-epoch width-32 teacher (the study's teacher), the probes' recipe, records in dckd/ and a table in table.md. At
 the bottleneck (6x6 positions at 96 px) the lesions of 173 of BUSI's 647 images cover no position (half
 of one or more) and give no anchor; at dec3 (24x24) every lesion covers one. The level is chosen on validation.
 """
@@ -53,6 +53,7 @@ SEEDS = (0, 1, 2)
 
 
 DCKD_LEVELS = ("bottleneck", "dec3")  # DCKD's feature level: 6x6 and 24x24 positions at 96 px
+DCKD_TEACHER = (32, 240, 1e-3)  # (width, epochs, lr) of the probe whose checkpoint DCKD distils from, seed by seed
 PHANTOM_QUEUE = [(24, 16), (10, 16), (4, 16), (16, 40), (10, 40), (6, 40), (24, 40), (4, 40)]  # (width, epochs)
 
 
@@ -71,10 +72,10 @@ def recipe(width, epochs, lr, seed):
 def queue(args):
     """(run name, width, epochs, lr, seed, the script's words) of every probe, in order: train_teacher.py's,
     or with --dckd train_student.py's (DCKD at each level, the width-6 student at 120 epochs from the same
-    seed's 120-epoch width-32 teacher; seed by seed, so that each level's first runs are paired)."""
+    seed's DCKD_TEACHER; seed by seed, so that each level's first runs are paired)."""
     if args.dckd:
         return [(f"dckd_{level}_w6_e120_lr0.001_s{s}", 6, 120, 1e-3, s, [
-            "--teacher", os.path.join(args.work, name(32, 120, 1e-3, s) + ".pt"), "--data", args.data, "--pathway",
+            "--teacher", os.path.join(args.work, name(*DCKD_TEACHER, s) + ".pt"), "--data", args.data, "--pathway",
             "dckd", "--dckd_level", level] + recipe(6, 120, 1e-3, s) + ["--no-alone"]) for s in SEEDS for level in DCKD_LEVELS]
     if args.phantom:  # the quick start's settings (96 px, 240 images, batch 8), only widths and lengths vary
         return [(name(w, e, 1e-3, s, True), w, e, 1e-3, s, ["--data", "phantom", "--width", str(w), "--epochs", str(e),
@@ -114,9 +115,9 @@ def work(args):
     os.makedirs(args.work, exist_ok=True)
     for run, width, epochs, lr, seed, argv in queue(args):
         record = os.path.join(records, run + ".json")
-        teacher = argv[argv.index("--teacher") + 1] if args.dckd else None  # the probe of width 32, 120 epochs, this seed
+        teacher = argv[argv.index("--teacher") + 1] if args.dckd else None  # DCKD_TEACHER's probe of this seed
         if teacher and not os.path.isfile(teacher):
-            print(f"{run}: needs {teacher}; run the width-32 120-epoch probes first, with the same --work", flush=True)
+            print(f"{run}: needs {teacher}; run the width-{DCKD_TEACHER[0]} {DCKD_TEACHER[1]}-epoch probes first, with the same --work", flush=True)
             continue
         try:
             os.close(os.open(os.path.join(args.work, run + ".claim"), os.O_CREAT | os.O_EXCL))
@@ -276,8 +277,8 @@ def dckd_levels(groups):
     alone = {r["seed"]: r for r in groups.get((6, 1e-3, 120), [])}
     plain = lambda xs: " / ".join(f"{100 * x:.2f}" for x in xs)
     signed = lambda xs: " / ".join(f"{100 * x:+.2f}" for x in xs) + f" (mean {100 * sum(xs) / len(xs):+.2f})" if xs else ""
-    lines = ["", "DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's 120-epoch width-32 "
-             "teacher, validation Dice by seed; the gain is over the same seed's width-6 student alone at 120 epochs:", "",
+    lines = ["", f"DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's {DCKD_TEACHER[1]}-epoch "
+             f"width-{DCKD_TEACHER[0]} teacher, validation Dice by seed; the gain is over the same seed's width-6 student alone at 120 epochs:", "",
              "| level | seeds | Dice at the lowest val loss | its gain | Dice, mean of last tenth | its gain |",
              "|---|---|---|---|---|---|"]
     for level in DCKD_LEVELS:
@@ -437,7 +438,7 @@ if __name__ == "__main__":
     p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
     p.add_argument("--epochs", type=int, default=60, help="--teachers on BUSI: the checkpoints of this many epochs")
     p.add_argument("--phantom", action="store_true", help="the phantom probes (records in phantom/) instead of BUSI's")
-    p.add_argument("--dckd", action="store_true", help="DCKD at each feature level from the 120-epoch teachers (dckd/)")
+    p.add_argument("--dckd", action="store_true", help="DCKD at each feature level from the DCKD_TEACHER probes (dckd/)")
     p.add_argument("--sides", action="store_true", help="the quick start with its student at 96, 48 and 32 px (sides/)")
     a = p.parse_args()
     if a.sides:
