@@ -20,7 +20,9 @@ pictures.png into the study folder. With --ensembles it trains nothing and asks 
 could know more: each teacher row against the mean-logits ensemble of its seeds and against itself
 on the image and its mirror image (ensembles_fold<F>_seed<S>.json, named by the folds and seeds).
 With --trend out/w4,out/w6,out/w10 it trains nothing and prints the student-size trend from those
-study folders' results.json (one student width each): Dice against parameters, with intervals.
+study folders' results.json (one student width each): Dice against parameters, with intervals. The
+teachers do not depend on the student's width: copy fold*/seed*/Teacher*.json and .pt from one such
+folder into the next, and its study trains only the students.
 """
 import argparse
 import glob

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -1806,6 +1807,20 @@ def test_study_teachers_may_train_longer_than_their_students(tmp_path):
     with pytest.raises(UserError, match=r"Teacher.json: made with other options: --epochs 2 \(now 1\)"):
         study.main(STUDY_TINY + ["--out", out, "--fold_list", "0", "--rows", "Student,L_KLD", "--pictures", "0"])
 
+
+def test_study_of_another_student_width_reuses_copied_teachers(tmp_path):
+    """The size trend's cheap path: a study folder of another --student_width with the first one's
+    teacher records and checkpoints copied in trains its students only, from those very teachers."""
+    a, b = str(tmp_path / "w2"), str(tmp_path / "w3")
+    words = STUDY_TINY + ["--fold_list", "0", "--rows", "Student,L_KLD", "--pictures", "0"]
+    assert study.main(words + ["--out", a])["ran"] == [("Teacher", 0, 0), ("Student", 0, 0), ("L_KLD", 0, 0)]
+    os.makedirs(os.path.join(b, "fold0", "seed0"))
+    for f in ("Teacher.json", "Teacher.pt"):
+        shutil.copy(os.path.join(a, "fold0", "seed0", f), os.path.join(b, "fold0", "seed0", f))
+    assert study.main(words + ["--out", b, "--student_width", "3"])["ran"] == [("Student", 0, 0), ("L_KLD", 0, 0)]
+    rec = lambda folder, row: json.load(open(os.path.join(folder, "fold0", "seed0", row + ".json")))
+    assert rec(b, "L_KLD")["teacher_sha1"] == rec(a, "Teacher")["sha1"]
+    assert rec(b, "L_KLD")["parameters"] != rec(a, "L_KLD")["parameters"]  # a wider student, from the same teacher
 
 def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     """Two study folders' results.json, made from hand-made records: the trend keeps each folder's
