@@ -22,7 +22,8 @@ on the image and its mirror image (ensembles_fold<F>_seed<S>.json, named by the 
 With --trend out/w4,out/w6,out/w10 it trains nothing and prints the student-size trend from those
 study folders' results.json (one student width each): Dice against parameters, with intervals. The
 teachers do not depend on the student's width: copy fold*/seed*/Teacher*.json and .pt from one such
-folder into the next, and its study trains only the students.
+folder into the next, and its study, called with the same teacher options (--teacher_epochs among
+them), trains only the students.
 """
 import argparse
 import glob

@@ -1817,10 +1817,15 @@ def test_study_of_another_student_width_reuses_copied_teachers(tmp_path):
     os.makedirs(os.path.join(b, "fold0", "seed0"))
     for f in ("Teacher.json", "Teacher.pt"):
         shutil.copy(os.path.join(a, "fold0", "seed0", f), os.path.join(b, "fold0", "seed0", f))
+    first = {r: study.stored(r, 0, 0, study.options().parse_args(words + ["--out", a])) for r in ("Teacher", "L_KLD")}
+    shutil.rmtree(a)  # the copies alone remain
     assert study.main(words + ["--out", b, "--student_width", "3"])["ran"] == [("Student", 0, 0), ("L_KLD", 0, 0)]
-    rec = lambda folder, row: json.load(open(os.path.join(folder, "fold0", "seed0", row + ".json")))
-    assert rec(b, "L_KLD")["teacher_sha1"] == rec(a, "Teacher")["sha1"]
-    assert rec(b, "L_KLD")["parameters"] != rec(a, "L_KLD")["parameters"]  # a wider student, from the same teacher
+    with open(os.path.join(b, "fold0", "seed0", "L_KLD.json")) as f:
+        wider = json.load(f)
+    assert wider["teacher_sha1"] == first["Teacher"]["sha1"]
+    assert wider["argv"][wider["argv"].index("--teacher") + 1] == os.path.join(b, "fold0", "seed0", "Teacher.pt")
+    assert wider["parameters"] > first["L_KLD"]["parameters"]  # a wider student, from the same teacher
+
 
 def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     """Two study folders' results.json, made from hand-made records: the trend keeps each folder's

@@ -27,8 +27,8 @@ start itself (train_teacher.py, then train_student.py, phantom defaults) for see
 96, 48 and 32 px under the 96-px teacher; its records (sides/) hold each run's validation Dice, the
 teacher's on the student's grid included (the side is chosen on them), and the test Dice per image.
 --dckd runs DCKD (train_student.py --pathway dckd) at each of DCKD_LEVELS: the width-6 student from the
-same seed's 120-epoch width-32 teacher (DCKD_TEACHER, the study's), the probes' recipe, records in dckd/
-and a table in table.md. At the bottleneck (6x6 positions at 96 px) the lesions of 173 of BUSI's 647
+same seed's DCKD_TEACHER probe (its lowest-validation-loss epoch, where the study's teachers keep their
+last), the probes' recipe, records in dckd/ and a table in table.md. At the bottleneck (6x6 positions at 96 px) the lesions of 173 of BUSI's 647
 images cover no position (half of one or more) and give no anchor; at dec3 (24x24) every lesion covers
 one. The level is chosen on validation.
 """
@@ -119,7 +119,7 @@ def work(args):
         teacher = argv[argv.index("--teacher") + 1] if args.dckd else None  # DCKD_TEACHER's probe of this seed
         if teacher and not os.path.isfile(teacher):
             print(f"{run}: needs {teacher}; run the width-{DCKD_TEACHER[0]} {DCKD_TEACHER[1]}-epoch probes first, "
-                  f"with the same --work", flush=True)
+                  "with the same --work", flush=True)
             continue
         try:
             os.close(os.open(os.path.join(args.work, run + ".claim"), os.O_CREAT | os.O_EXCL))
@@ -184,8 +184,8 @@ def table():
             groups.setdefault((r["width"], r["lr"], r["epochs"]), []).append(r)
     mean = lambda xs: sum(xs) / len(xs)
     lines = ["| width | lr | epochs | seeds | val Dice at the lowest val loss (--select loss) | val Dice, last epoch "
-             "(--select last) | val Dice, mean of last tenth | lowest val loss in last tenth | change on doubling the "
-             "epochs |", "|---|---|---|---|---|---|---|---|---|"]
+             "(--select last) | val Dice, mean of last tenth | lowest val loss in last tenth | change of the last tenth on "
+             "doubling the epochs (the seeds run at both lengths) |", "|---|---|---|---|---|---|---|---|---|"]
     lowest = lambda r: min(r["history"], key=lambda h: h["val_loss"])
     for (w, lr, e), rs in sorted(groups.items()):
         last = mean([last_tenth(r) for r in rs])
@@ -193,8 +193,8 @@ def table():
         longer = {r["seed"]: r for r in groups.get((w, lr, 2 * e), [])}
         pairs = [(last_tenth(r), last_tenth(longer[r["seed"]])) for r in rs if r["seed"] in longer]  # the same seeds only
         steps = [b - a for a, b in pairs]
-        change = (f"{100 * mean(steps):+.2f} (up in {sum(d > 0 for d in steps)} of {len(steps)} seeds)"
-                  if pairs else "")
+        change = (f"{100 * mean(steps):+.2f} (up in {sum(d > 0 for d in steps)}, down in {sum(d < 0 for d in steps)} "
+                  f"of {len(steps)} seeds)" if pairs else "")
         lines.append(f"| {w} | {lr:g} | {e} | {len(rs)} | {100 * mean([lowest(r)['val_dice'] for r in rs]):.2f} | "
                      f"{100 * mean([r['history'][-1]['val_dice'] for r in rs]):.2f} | {100 * last:.2f} | "
                      f"{late} of {len(rs)} | {change} |")
@@ -207,8 +207,9 @@ def table():
         lines.append(f"| {w} | {lr:g} | {e} | " + " | ".join(cells) + " |")
     gap = [100 * (r["history"][-1]["val_dice"] - lowest(r)["val_dice"]) for r in recs]
     lines += ["", f"Last epoch against the lowest-validation-loss epoch, validation Dice: {mean(gap):+.2f} on average over "
-              f"the {len(recs)} runs above, higher in {sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)} (the "
-              "latter is itself chosen on this validation part, so the comparison favours it)."]
+              f"the {len(recs)} runs in records/ (those above and the larger-side teachers below), higher in "
+              f"{sum(g > 0 for g in gap)}, lower in {sum(g < 0 for g in gap)}, equal in {sum(g == 0 for g in gap)} (the "
+              "lowest-loss epoch is itself chosen on this validation part, so the comparison favours it)."]
     machines = sorted({r["machine"] for r in recs})
     lines += ["", f"Records: {len(recs)} runs (records/), fold 0 of the near-copy-aware split (--near_dup 0.95), validation "
               f"part only; machines: {'; '.join(machines)}."]
@@ -281,8 +282,10 @@ def dckd_levels(groups):
     alone = {r["seed"]: r for r in groups.get((6, 1e-3, 120), [])}
     plain = lambda xs: " / ".join(f"{100 * x:.2f}" for x in xs)
     signed = lambda xs: " / ".join(f"{100 * x:+.2f}" for x in xs) + f" (mean {100 * sum(xs) / len(xs):+.2f})" if xs else ""
-    lines = ["", f"DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's {DCKD_TEACHER[1]}-epoch "
-             f"width-{DCKD_TEACHER[0]} teacher, validation Dice by seed; the gain is over the same seed's width-6 student alone at 120 epochs:", "",
+    teachers = sorted({os.path.basename(r["argv"][r["argv"].index("--teacher") + 1]) for r in recs})
+    lines = ["", f"DCKD's feature level (`--dckd`): the width-6 student distilled from the same seed's teacher probe "
+             f"({', '.join(teachers)}), validation Dice by seed; the gain is over the same seed's width-6 student "
+             "alone at 120 epochs:", "",
              "| level | seeds | Dice at the lowest val loss | its gain | Dice, mean of last tenth | its gain |",
              "|---|---|---|---|---|---|"]
     for level in DCKD_LEVELS:
@@ -290,9 +293,9 @@ def dckd_levels(groups):
         if not rs:
             continue
         paired = [r for r in rs if r["seed"] in alone]
+        gain = lambda score: signed([score(r) - score(alone[r["seed"]]) for r in paired])
         lines.append(f"| {level} | {', '.join(str(r['seed']) for r in rs)} | {plain([r['val']['dice'] for r in rs])} | "
-                     f"{signed([r['val']['dice'] - alone[r['seed']]['val']['dice'] for r in paired])} | "
-                     f"{plain([last_tenth(r) for r in rs])} | {signed([last_tenth(r) - last_tenth(alone[r['seed']]) for r in paired])} |")
+                     f"{gain(lambda r: r['val']['dice'])} | {plain([last_tenth(r) for r in rs])} | {gain(last_tenth)} |")
     return lines
 
 
@@ -442,7 +445,7 @@ if __name__ == "__main__":
     p.add_argument("--teachers", action="store_true", help="test teacher candidates on fold 0's validation part")
     p.add_argument("--epochs", type=int, default=60, help="--teachers on BUSI: the checkpoints of this many epochs")
     p.add_argument("--phantom", action="store_true", help="the phantom probes (records in phantom/) instead of BUSI's")
-    p.add_argument("--dckd", action="store_true", help="DCKD at each feature level from the DCKD_TEACHER probes (dckd/)")
+    p.add_argument("--dckd", action="store_true", help="DCKD at each feature level from DCKD_TEACHER's probes (dckd/)")
     p.add_argument("--sides", action="store_true", help="the quick start with its student at 96, 48 and 32 px (sides/)")
     a = p.parse_args()
     if a.sides:
