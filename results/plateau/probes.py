@@ -28,9 +28,9 @@ start itself (train_teacher.py, then train_student.py, phantom defaults) for see
 teacher's on the student's grid included (the side is chosen on them), and the test Dice per image.
 --dckd runs DCKD (train_student.py --pathway dckd) at each of DCKD_LEVELS: the width-6 student from the
 same seed's DCKD_TEACHER probe (its lowest-validation-loss epoch, where the study's teachers keep their
-last), the probes' recipe, records in dckd/ and a table in table.md. At the bottleneck (6x6 positions at 96 px) the lesions of 173 of BUSI's 647
-images cover no position (half of one or more) and give no anchor; at dec3 (24x24) every lesion covers
-one. The level is chosen on validation.
+last), the probes' recipe, records in dckd/ and a table in table.md. At the bottleneck (6x6 positions
+at 96 px) the lesions of 173 of BUSI's 647 images cover no position (half of one or more) and give no
+anchor; at dec3 (24x24) every lesion covers one. The level is chosen on validation.
 """
 import argparse
 import glob
@@ -191,10 +191,9 @@ def table():
         last = mean([last_tenth(r) for r in rs])
         late = sum(lowest(r)["epoch"] > e - e // 10 for r in rs)
         longer = {r["seed"]: r for r in groups.get((w, lr, 2 * e), [])}
-        pairs = [(last_tenth(r), last_tenth(longer[r["seed"]])) for r in rs if r["seed"] in longer]  # the same seeds only
-        steps = [b - a for a, b in pairs]
+        steps = [last_tenth(longer[r["seed"]]) - last_tenth(r) for r in rs if r["seed"] in longer]  # the same seeds only
         change = (f"{100 * mean(steps):+.2f} (up in {sum(d > 0 for d in steps)}, down in {sum(d < 0 for d in steps)} "
-                  f"of {len(steps)} seeds)" if pairs else "")
+                  f"of {len(steps)} seeds)" if steps else "")
         lines.append(f"| {w} | {lr:g} | {e} | {len(rs)} | {100 * mean([lowest(r)['val_dice'] for r in rs]):.2f} | "
                      f"{100 * mean([r['history'][-1]['val_dice'] for r in rs]):.2f} | {100 * last:.2f} | "
                      f"{late} of {len(rs)} | {change} |")
