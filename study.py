@@ -393,12 +393,15 @@ def per_image_means(records, row, base):
 def share_interval(gains, leads, seed=0, n_boot=2000):
     """The share of the teacher's lead a row recovers, mean(gains) / mean(leads) over paired
     replicates, with a 95% paired bootstrap interval (replicates resampled with replacement).
-    Returns (share, low, high); None when the mean lead is not above 0; low and high None when more
-    than 2.5% of the resamples have no positive lead (the ratio then has no upper bound)."""
+    Returns (share, low, high); None when the mean lead is not above 0; low and high None when the
+    lead's own 95% t interval over the replicates does not lie above 0 (with two or three pairs a
+    bootstrap has too few distinct resamples to say so), or when more than 2.5% of the resamples have
+    no positive lead (the ratio then has no upper bound)."""
     g, l = np.asarray(gains, dtype=np.float64), np.asarray(leads, dtype=np.float64)
     if not len(l) or l.mean() <= 0:
         return None
-    if len(l) < 2:
+    lead_low = kd.paired_interval(l)[1]
+    if lead_low is None or lead_low <= 0:
         return float(g.mean() / l.mean()), None, None
     idx = np.random.default_rng(seed).integers(0, len(l), size=(n_boot, len(l)))
     lead_b, gain_b = l[idx].mean(1), g[idx].mean(1)

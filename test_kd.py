@@ -1641,6 +1641,8 @@ def test_summary_pairs_runs_by_fold_and_seed():
             records[("L_KLD_WAug_Ens3",) + k] = rec("L_KLD_WAug_Ens3", *k, [x + 0.1 for x in base[k]])
     ens = study.summarise(records, ["Teacher_WAug", "Student", "L_KLD_WAug_Ens3"], 99, 0)["L_KLD_WAug_Ens3"]
     assert ens["teacher_lead"] == pytest.approx(0.2) and ens["share_of_lead"][0] == pytest.approx(0.5)
+    # two pairs whose leads are both positive but whose t interval spans 0: a share, no interval
+    assert study.share_interval([1.00, 0.63], [4.38, 2.77]) == (pytest.approx(1.63 / 7.15), None, None)
     # a class teacher, tested on half the images: its gain is over the student alone on that half
     for k in keys:
         records[("Teacher_benign",) + k] = dict(rec("Teacher_benign", *k, [0.9] * 6), names=records[("Student",) + k]["names"][:6])
