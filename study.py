@@ -442,6 +442,16 @@ def gain_text(gain):
     return "—" if mean is None else mean + ("" if low is None else f" [{low}, {high}]")
 
 
+def chosen_row(rows):
+    """The distilled row a study reports as its test of distillation: the one of highest mean validation
+    Dice among those with as many runs as the student alone (chosen on validation, never on test);
+    None without the student alone or such a row."""
+    if "Student" not in rows:
+        return None
+    full = [r for r in DISTILLED if r in rows and rows[r]["runs"] == rows["Student"]["runs"]]
+    return max(full, key=lambda r: rows[r]["val_dice_mean"]) if full else None
+
+
 def format_table(summary, args):
     """The markdown table of summarise's rows, and what it is: data, folds and seeds of its records."""
     folds = sorted({f for s in summary.values() for f in s["folds"]})
@@ -490,6 +500,13 @@ def format_table(summary, args):
         f"conditional on the trained models (it asks whether these models differ on these images, not whether "
         f"the method does over retraining): read the gain's interval for that. Not corrected for multiple tests.",
     ]
+    best = chosen_row(summary)
+    if best:
+        n = sum(r in summary for r in DISTILLED)
+        lines.append(f"Chosen on validation (the distilled row of highest Val Dice among those with as many runs as "
+                     f"the student alone): {best}, gain {gain_text(summary[best]['gain'])}, "
+                     f"{verdict(summary[best]['gain'])}. It is the table's test of distillation; another row's verdict, "
+                     f"picked from {n} rows by its test Dice, would not be.")
     if EXTRA_ROWS & summary.keys():
         lines.append("* not in the paper's Table 4: Teacher_WAug (the teacher the _WAug rows distil from), the class "
                      "teachers and the two other methods, T2KD and DCKD, in our reading; for T2KD the share is of "
@@ -528,10 +545,10 @@ def trend(folders):
                                 + ", ".join(f"--{k} {options.get(k)} (there {found[0][0].get(k)})" for k in differ))
         if options["student_width"] in [o["student_width"] for o, *_ in found]:
             raise UserError(f"--trend {folder}: a second folder of student width {options['student_width']}")
-        full = [r for r in DISTILLED if r in rows and "Student" in rows and rows[r]["runs"] == rows["Student"]["runs"]]
-        if not full:
+        best = chosen_row(rows)
+        if best is None:
             raise UserError(f"--trend {folder}: it needs the student alone and a distilled row with as many runs")
-        found.append((options, rows, max(full, key=lambda r: rows[r]["val_dice_mean"])))  # chosen on validation
+        found.append((options, rows, best))
 
     def dice(s):  # runs, mean test Dice and its 95% t interval over the runs
         if s["dice_std"] is None:
@@ -792,9 +809,8 @@ def main(argv=None):
                                                                rows=summary, runs_this_call=ran))
     print(f"\n{table}\n\n{len(ran)} runs trained by this call, {len(records) - len(ran)} reused; "
           f"wrote {os.path.join(args.out, 'table.md')} and results.json")
-    distilled = [r for r in DISTILLED if r in summary]
-    if args.pictures and distilled:
-        best = max(distilled, key=lambda r: summary[r]["val_dice_mean"])  # chosen on validation, never on test
+    best = chosen_row(summary)
+    if args.pictures and best:
         make_pictures(args, folds[0], seeds[0], best, os.path.join(args.out, "pictures.png"))
     return dict(summary=summary, table=table, ran=ran)
 

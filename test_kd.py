@@ -1634,6 +1634,7 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
     table = study.format_table(summary, study.options().parse_args(["--n_perm", "999"]))
     assert "| L_KLD | 4 |" in table and "| +15.00 / +35.00; +20.00 / +30.00 |" in table and "| < 1e-03 |" in table
+    assert f"as many runs as the student alone): L_KLD, gain {study.gain_text(s['gain'])}, above 0." in table
     # a row distilled on fold 0 only: its share is of its teacher's lead on fold 0, not on every fold
     for k in keys:
         records[("Teacher_WAug",) + k] = rec("Teacher_WAug", *k, [x + (0.2 if k[0] == 0 else 0.6) for x in base[k]])
@@ -1865,6 +1866,35 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     (other / "results.json").write_text(json.dumps(dict(options=dict(student_width=6, epochs=20), rows=summary)))
     with pytest.raises(UserError, match=r"w6: made with other options than .*w10: --epochs 20 \(there None\)"):
         study.main(STUDY_TINY + ["--trend", ",".join(folders + [str(other)])])
+
+
+def results_readme_table_commands():
+    """The `python study.py ... --table_only` commands of results/README.md, as argument lists."""
+    text = open(os.path.join(HERE, "results", "README.md")).read()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    return [line.split()[2:] for line in lines if line.startswith("python study.py") and "--table_only" in line]
+
+
+@pytest.mark.parametrize("argv", results_readme_table_commands(), ids=lambda argv: argv[argv.index("--out") + 1])
+def test_results_readme_commands_print_the_committed_tables(tmp_path, argv):
+    """Each table command of results/README.md, run on a copy of its committed records, prints the
+    committed table.md, and a table shown in results/README.md is that table.md line for line."""
+    argv = list(argv)
+    folder, data_arg = argv[argv.index("--out") + 1], argv[argv.index("--data") + 1]
+    if data_arg != "phantom":
+        if not os.path.isdir(os.path.join(BUSI_DIR, "benign")):
+            pytest.skip("set BUSI_DIR to a Dataset_BUSI_with_GT folder to run the BUSI tests")
+        argv[argv.index("--data") + 1] = BUSI_DIR
+    shutil.copytree(os.path.join(HERE, folder), tmp_path / "records")
+    argv[argv.index("--out") + 1] = str(tmp_path / "records")
+    printed = study.main(argv)["table"].replace(f"Data: {BUSI_DIR},", f"Data: {data_arg},")
+    committed = open(os.path.join(HERE, folder, "table.md")).read().rstrip("\n")
+    assert printed == committed
+    readme = open(os.path.join(HERE, "results", "README.md")).read()
+    data_line = next(line for line in committed.splitlines() if line.startswith("Data: "))
+    if data_line in readme:  # shown there: the whole table, not an older one with today's data line
+        assert committed in readme
 
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
