@@ -442,13 +442,15 @@ def gain_text(gain):
     return "—" if mean is None else mean + ("" if low is None else f" [{low}, {high}]")
 
 
+def full_rows(rows):
+    """The distilled rows with as many runs as the student alone: the candidates of chosen_row."""
+    return [r for r in DISTILLED if r in rows and "Student" in rows and rows[r]["runs"] == rows["Student"]["runs"]]
+
+
 def chosen_row(rows):
     """The distilled row a study reports as its test of distillation: the one of highest mean validation
-    Dice among those with as many runs as the student alone (chosen on validation, never on test);
-    None without the student alone or such a row."""
-    if "Student" not in rows:
-        return None
-    full = [r for r in DISTILLED if r in rows and rows[r]["runs"] == rows["Student"]["runs"]]
+    Dice among full_rows (chosen on validation, never on test); None without the student alone or such a row."""
+    full = full_rows(rows)
     return max(full, key=lambda r: rows[r]["val_dice_mean"]) if full else None
 
 
@@ -502,9 +504,10 @@ def format_table(summary, args):
     ]
     best = chosen_row(summary)
     if best:
-        n = sum(r in summary for r in DISTILLED)
+        n, full = sum(r in summary for r in DISTILLED), full_rows(summary)
+        among = "" if len(full) == n else f": {', '.join(full)}; {n - len(full)} of {n} rows have fewer runs"
         lines.append(f"Chosen on validation (the distilled row of highest Val Dice among those with as many runs as "
-                     f"the student alone): {best}, gain {gain_text(summary[best]['gain'])}, "
+                     f"the student alone{among}): {best}, gain {gain_text(summary[best]['gain'])}, "
                      f"{verdict(summary[best]['gain'])}. It is the table's test of distillation; another row's verdict, "
                      f"picked from {n} rows by its test Dice, would not be.")
     if EXTRA_ROWS & summary.keys():

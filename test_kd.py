@@ -1635,6 +1635,9 @@ def test_summary_pairs_runs_by_fold_and_seed():
     table = study.format_table(summary, study.options().parse_args(["--n_perm", "999"]))
     assert "| L_KLD | 4 |" in table and "| +15.00 / +35.00; +20.00 / +30.00 |" in table and "| < 1e-03 |" in table
     assert f"as many runs as the student alone): L_KLD, gain {study.gain_text(s['gain'])}, above 0." in table
+    records[("H_MSE", 0, 0)] = rec("H_MSE", 0, 0, base[0, 0])  # one run of four: named, never chosen
+    fewer = study.format_table(study.summarise(records, ["Student", "L_KLD", "H_MSE"], 99, 0), study.options().parse_args([]))
+    assert "as many runs as the student alone: L_KLD; 1 of 2 rows have fewer runs): L_KLD, gain" in fewer
     # a row distilled on fold 0 only: its share is of its teacher's lead on fold 0, not on every fold
     for k in keys:
         records[("Teacher_WAug",) + k] = rec("Teacher_WAug", *k, [x + (0.2 if k[0] == 0 else 0.6) for x in base[k]])
