@@ -12,18 +12,20 @@ student alone and twelve distilled students (train_student.py), each row from th
 says: _WAug rows from the weak one. Every finished run leaves its checkpoint and one small JSON
 record in the study folder (out/study/fold0/seed0/L_KLD.json, .pt). A run whose record is there is
 not run again, and a run cut short goes on from its saved state, so a killed study goes on where it
-stopped: run the same command again. A teacher is trained again only when one of its students
-must run and its checkpoint is gone; its students' records name the teacher checkpoint they were
-made from (sha1), and those made from another one run again. The records alone (no checkpoints)
-are enough to print the table. At the end it writes table.md (printed too), results.json and
-pictures.png into the study folder. With --ensembles it trains nothing and asks whether a teacher
-could know more: each teacher row against the mean-logits ensemble of its seeds and against itself
-on the image and its mirror image (ensembles_fold<F>_seed<S>.json, named by the folds and seeds).
-With --trend out/w4,out/w6,out/w10 it trains nothing and prints the student-size trend from those
-study folders' results.json (one student width each): Dice against parameters, with intervals. The
-teachers do not depend on the student's width: copy fold*/seed*/Teacher*.json and .pt from one such
-folder into the next, and its study, called with the same teacher options (--teacher_epochs among
-them), trains only the students.
+stopped: run the same command again. A teacher is trained again only when one of its students must
+run and its checkpoint is gone; its students' records name the teacher checkpoint they were made
+from (sha1), and those made from another one run again. A second process may run the same command on
+the same folder (another GPU, or one more core: OMP_NUM_THREADS=1 for each): each run is taken by
+one of them, and a process whose remaining runs the other holds waits for them. The records alone
+(no checkpoints) are enough to print the table. At the end it writes table.md (printed too),
+results.json and pictures.png into the study folder. With --ensembles it trains nothing and asks
+whether a teacher could know more: each teacher row against the mean-logits ensemble of its seeds
+and against itself on the image and its mirror image (ensembles_fold<F>_seed<S>.json, named by the
+folds and seeds). With --trend out/w4,out/w6,out/w10 it trains nothing and prints the student-size
+trend from those study folders' results.json (one student width each): Dice against parameters, with
+intervals. The teachers do not depend on the student's width: copy fold*/seed*/Teacher*.json and .pt
+from one such folder into the next, and its study, called with the same teacher options
+(--teacher_epochs among them), trains only the students.
 """
 import argparse
 import glob
@@ -31,6 +33,8 @@ import json
 import math
 import os
 import shlex
+import socket
+import time
 
 import numpy as np
 import torch
@@ -292,6 +296,126 @@ def train_one(row, fold, seed, args, label, precision, teacher_recs=None):
         rec["teacher_sha1"] = teacher_sha1(row, seed, teacher_recs)
     runs.write_json(json_path, rec)
     return rec
+
+
+def one_pass(f, seeds, teachers, students, args, precision, records, ran, label):
+    """Fold f, seed by seed: the teachers to train, then their students; ensemble rows when every
+    seed's teachers are there. Finished records go into `records`, what this call trained into `ran`.
+    Returns the runs (row, fold, seed) that another study process holds (see claim), empty when
+    everything is done; a student of a teacher still held waits for the next pass."""
+    t_recs = {(t, s): stored(t, f, s, args) for t in teachers for s in seeds}  # this fold's teachers
+    # The teachers to train (again): those without a record, and those whose checkpoint is gone
+    # while a student still to run needs it. A teacher trained again makes every student made
+    # from it run again, and such a student may need more gone checkpoints (an ensemble row
+    # needs every seed's teacher): grow the set until it stops growing.
+    gone = lambda k: not os.path.isfile(os.path.join(run_folder(args, f, k[1]), k[0] + ".pt"))
+    retrain = {k for k, rec in t_recs.items() if rec is None}
+    while True:
+        pending = [(r, s) for r in students for s in seeds if set(teacher_runs(r, s)) & retrain
+                   or stored(r, f, s, args, t_recs, say=False) is None]
+        more = {k for r, s in pending for k in teacher_runs(r, s) if gone(k)} - retrain
+        if not more:
+            break
+        retrain |= more
+    held = []
+
+    def run(row, s, teacher_recs=None):  # train one run, unless another process holds it (then None)
+        if not claim(row, f, s, args):
+            held.append((row, f, s))
+            return None
+        try:  # the other process may have finished it since this pass looked
+            rec = stored(row, f, s, args, teacher_recs, say=False)
+            if rec is None or (teacher_recs is None and gone((row, s))):
+                rec = train_one(row, f, s, args, label(), precision, teacher_recs)
+                ran.append((row, f, s))
+            return rec
+        finally:
+            release(row, f, s, args)
+
+    for s in seeds + [None]:
+        for t in (teachers if s is not None else []):
+            if (t, s) in retrain:
+                t_recs[t, s] = run(t, s)
+            if t_recs[t, s] is not None:
+                records[t, f, s] = t_recs[t, s]
+        for r, s_ in [(r, s_) for r in students for s_ in (seeds if s is None else [s])
+                      if ("ensemble" in ROWS[r]) == (s is None)]:
+            if any(t_recs[k] is None for k in teacher_runs(r, s_)):
+                continue  # its teacher is held: it waits for the next pass
+            rec = stored(r, f, s_, args, t_recs)
+            if rec is None:
+                rec = run(r, s_, t_recs)
+            if rec is not None:
+                records[r, f, s_] = rec
+    return held
+
+
+# ----------------------------------------------------------------------------- two processes, one study
+# A second process started with the same command on the same --out (on another GPU; or on a CPU, each
+# process with OMP_NUM_THREADS=1) takes the runs the first has not: each run is held by one process
+# through a lock file beside its checkpoint, removed when the run ends.
+
+WAIT_SECONDS = 30  # how often a process whose remaining runs the other holds looks again
+
+
+def lock_path(row, fold, seed, args):
+    return os.path.join(run_folder(args, fold, seed), row + ".lock")
+
+
+def holder(path):
+    """Who holds a lock: 'process PID on HOST', or None when no one does: no lock, or its process
+    has ended on this machine (a study killed mid-run)."""
+    try:
+        with open(path) as fh:
+            words = fh.read().split()
+    except FileNotFoundError:
+        return None
+    if len(words) != 2:
+        return "a process that is starting"  # created, its line not yet written
+    pid, host = words
+    if host == socket.gethostname() and os.name != "nt":  # on Windows, os.kill would end the process
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # it exists, another user's
+    return f"process {pid} on {host}"
+
+
+def claim(row, fold, seed, args):
+    """Take one run for this process: create its lock file, atomically (O_EXCL), so that of two
+    processes only one gets it. A lock whose process has ended is taken over. False when a live
+    process holds it."""
+    path = lock_path(row, fold, seed, args)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if holder(path):
+                return False
+            try:
+                os.remove(path)  # its process is gone: try again
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return True
+
+
+def release(row, fold, seed, args):
+    try:
+        os.remove(lock_path(row, fold, seed, args))
+    except FileNotFoundError:
+        pass
+
+
+def wait_for(held, args):
+    """Sleep until one of the held runs is no longer held (finished, or its process gone)."""
+    while all(holder(lock_path(*k, args)) for k in held):
+        time.sleep(WAIT_SECONDS)
 
 
 # ----------------------------------------------------------------------------- the paired test
@@ -765,33 +889,13 @@ def main(argv=None):
                         if rec is not None:
                             records[r, f, s] = rec
                 continue
-            # The teachers to train (again): those without a record, and those whose checkpoint is gone
-            # while a student still to run needs it. A teacher trained again makes every student made
-            # from it run again, and such a student may need more gone checkpoints (an ensemble row
-            # needs every seed's teacher): grow the set until it stops growing.
-            gone = lambda k: not os.path.isfile(os.path.join(run_folder(args, f, k[1]), k[0] + ".pt"))
-            retrain = {k for k, rec in t_recs.items() if rec is None}
-            while True:
-                pending = [(r, s) for r in students for s in seeds if set(teacher_runs(r, s)) & retrain
-                           or stored(r, f, s, args, t_recs, say=False) is None]
-                more = {k for r, s in pending for k in teacher_runs(r, s) if gone(k)} - retrain
-                if not more:
+            while True:  # passes, while runs that another study process holds are still to do
+                waiting = one_pass(f, seeds, teachers, students, args, precision, records, ran, label)
+                if not waiting:
                     break
-                retrain |= more
-            # seed by seed: those teachers, then the students; ensemble rows when every seed's teachers are there
-            for s in seeds + [None]:
-                for t in (teachers if s is not None else []):
-                    if (t, s) in retrain:
-                        t_recs[t, s] = train_one(t, f, s, args, label(), precision)
-                        ran.append((t, f, s))
-                    records[t, f, s] = t_recs[t, s]
-                for r, s_ in [(r, s_) for r in students for s_ in (seeds if s is None else [s])
-                              if ("ensemble" in ROWS[r]) == (s is None)]:
-                    rec = stored(r, f, s_, args, t_recs)
-                    if rec is None:
-                        rec = train_one(r, f, s_, args, label(), precision, t_recs)
-                        ran.append((r, f, s_))
-                    records[r, f, s_] = rec
+                print(f"\nwaiting for {len(waiting)} runs that another process holds (the first: "
+                      f"{lock_path(*waiting[0], args)}; delete it if that process is gone)", flush=True)
+                wait_for(waiting, args)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(ran)} runs finished and saved in {args.out}; "
               f"run the same command again to go on", flush=True)

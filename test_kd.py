@@ -1833,6 +1833,52 @@ def test_study_of_another_student_width_reuses_copied_teachers(tmp_path):
     assert wider["parameters"] > first["L_KLD"]["parameters"]  # a wider student, from the same teacher
 
 
+def test_study_waits_for_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
+    """A run whose lock a live process holds is left to it: this study trains everything else first
+    (not the held teacher's students), waits, and takes the run over once that process has ended."""
+    out = str(tmp_path / "study")
+    words = STUDY_TINY + ["--fold_list", "0", "--rows", "L_KLD,L_KLD_WAug", "--pictures", "0", "--out", out]
+    args = study.options().parse_args(words)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = study.lock_path("Teacher_WAug", 0, 0, args)
+        os.makedirs(os.path.dirname(lock))
+        with open(lock, "w") as fh:
+            fh.write(f"{other.pid} {study.socket.gethostname()}\n")
+        assert study.holder(lock) == f"process {other.pid} on {study.socket.gethostname()}"
+        assert not study.claim("Teacher_WAug", 0, 0, args)
+        naps = []
+
+        def nap(seconds):  # while this study waits, the other process ends without finishing the run
+            naps.append(seconds)
+            other.kill()
+            other.wait()
+        monkeypatch.setattr(study.time, "sleep", nap)
+        ran = study.main(words)["ran"]
+    finally:
+        other.kill()
+        other.wait()
+    assert ran == [("Teacher", 0, 0), ("Student", 0, 0), ("L_KLD", 0, 0), ("Teacher_WAug", 0, 0), ("L_KLD_WAug", 0, 0)]
+    assert naps == [study.WAIT_SECONDS]
+    assert f"waiting for 1 runs that another process holds (the first: {lock}; delete it" in capsys.readouterr().out
+    assert study.holder(lock) is None and glob.glob(os.path.join(out, "fold0", "seed0", "*.lock")) == []
+
+
+def test_study_two_processes_share_the_runs(tmp_path):
+    """The same command twice at once on one folder: every run is trained once, by one of them."""
+    words = STUDY_TINY + ["--fold_list", "0", "--rows", "L_KLD,L_KLD_WAug,T2KD_noWB", "--pictures", "0",
+                          "--out", str(tmp_path / "study")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "study.py"), *words], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    trained = sorted(m for o in outputs for m in re.findall(r"^=== \[\d+/\d+\] fold 0 seed 0 (\w+):", o, re.M))
+    assert trained == sorted(["Teacher", "Teacher_WAug", "Teacher_benign", "Teacher_malignant", "Student", "L_KLD",
+                              "L_KLD_WAug", "T2KD_noWB"])
+
+
 def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     """Two study folders' results.json, made from hand-made records: the trend keeps each folder's
     student alone and its distilled row of highest validation Dice, sorted by parameters."""
