@@ -301,8 +301,8 @@ def train_one(row, fold, seed, args, label, precision, teacher_recs=None):
 def one_pass(f, seeds, teachers, students, args, precision, records, ran, label):
     """Fold f, seed by seed: the teachers to train, then their students; ensemble rows when every
     seed's teachers are there. Finished records go into `records`, what this call trained into `ran`.
-    Returns the runs (row, fold, seed) that another study process holds (see claim), empty when
-    everything is done; a student of a teacher still held waits for the next pass."""
+    Returns the runs (row, fold, seed) another study process holds (see claim), empty when all is
+    done; a student whose teacher the other process holds is left for the next pass."""
     t_recs = {(t, s): stored(t, f, s, args) for t in teachers for s in seeds}  # this fold's teachers
     # The teachers to train (again): those without a record, and those whose checkpoint is gone
     # while a student still to run needs it. A teacher trained again makes every student made
@@ -317,16 +317,17 @@ def one_pass(f, seeds, teachers, students, args, precision, records, ran, label)
         if not more:
             break
         retrain |= more
-    held = []
+    held = []  # the runs another process holds
 
-    def run(row, s, teacher_recs=None):  # train one run, unless another process holds it (then None)
+    def run(row, s):  # train one run unless another process holds it (then None); its record
         if not claim(row, f, s, args):
             held.append((row, f, s))
             return None
         try:  # the other process may have finished it since this pass looked
-            rec = stored(row, f, s, args, teacher_recs, say=False)
-            if rec is None or (teacher_recs is None and gone((row, s))):
-                rec = train_one(row, f, s, args, label(), precision, teacher_recs)
+            teacher = "aug" in ROWS[row]
+            rec = stored(row, f, s, args, None if teacher else t_recs, say=False)
+            if rec is None or (teacher and gone((row, s))):
+                rec = train_one(row, f, s, args, label(), precision, None if teacher else t_recs)
                 ran.append((row, f, s))
             return rec
         finally:
@@ -336,15 +337,18 @@ def one_pass(f, seeds, teachers, students, args, precision, records, ran, label)
         for t in (teachers if s is not None else []):
             if (t, s) in retrain:
                 t_recs[t, s] = run(t, s)
+            elif is_held(t, f, s, args):  # the other process is training it again: not yet to learn from
+                held.append((t, f, s))
+                t_recs[t, s] = None
             if t_recs[t, s] is not None:
                 records[t, f, s] = t_recs[t, s]
         for r, s_ in [(r, s_) for r in students for s_ in (seeds if s is None else [s])
                       if ("ensemble" in ROWS[r]) == (s is None)]:
             if any(t_recs[k] is None for k in teacher_runs(r, s_)):
-                continue  # its teacher is held: it waits for the next pass
+                continue  # its teacher is held: the next pass
             rec = stored(r, f, s_, args, t_recs)
             if rec is None:
-                rec = run(r, s_, t_recs)
+                rec = run(r, s_)
             if rec is not None:
                 records[r, f, s_] = rec
     return held
@@ -352,69 +356,92 @@ def one_pass(f, seeds, teachers, students, args, precision, records, ran, label)
 
 # ----------------------------------------------------------------------------- two processes, one study
 # A second process started with the same command on the same --out (on another GPU; or on a CPU, each
-# process with OMP_NUM_THREADS=1) takes the runs the first has not: each run is held by one process
-# through a lock file beside its checkpoint, removed when the run ends.
+# process with OMP_NUM_THREADS=1) takes the runs the first has not. A run is held by the process that
+# holds the OS lock (flock) of a lock file beside its checkpoint. The OS lets go of that lock when its
+# process ends, however it ends (Ctrl-C, kill, a lost machine), so a run is never left held by no one.
 
 WAIT_SECONDS = 30  # how often a process whose remaining runs the other holds looks again
+_HELD = {}  # lock file -> its open descriptor, for the runs this process holds
+
+if os.name == "nt":
+    import msvcrt
+
+    def _try_lock(fd):
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+else:
+    import fcntl
+
+    def _try_lock(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
 
 
 def lock_path(row, fold, seed, args):
     return os.path.join(run_folder(args, fold, seed), row + ".lock")
 
 
-def holder(path):
-    """Who holds a lock: 'process PID on HOST', or None when no one does: no lock, or its process
-    has ended on this machine (a study killed mid-run)."""
-    try:
-        with open(path) as fh:
-            words = fh.read().split()
-    except FileNotFoundError:
-        return None
-    if len(words) != 2:
-        return "a process that is starting"  # created, its line not yet written
-    pid, host = words
-    if host == socket.gethostname() and os.name != "nt":  # on Windows, os.kill would end the process
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # it exists, another user's
-    return f"process {pid} on {host}"
-
-
 def claim(row, fold, seed, args):
-    """Take one run for this process: create its lock file, atomically (O_EXCL), so that of two
-    processes only one gets it. A lock whose process has ended is taken over. False when a live
-    process holds it."""
+    """Take one run for this process: lock its lock file. False when another process holds it."""
     path = lock_path(row, fold, seed, args)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if holder(path):
-                return False
-            try:
-                os.remove(path)  # its process is gone: try again
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()} {socket.gethostname()}\n")
-        return True
+        fd = os.open(path, os.O_CREAT | os.O_RDWR)
+        if not _try_lock(fd):
+            os.close(fd)
+            return False
+        try:  # the holder removes the file as it lets go: a lock on a removed file holds nothing
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())  # for the waiting message
+    _HELD[path] = fd
+    return True
 
 
 def release(row, fold, seed, args):
+    path = lock_path(row, fold, seed, args)
     try:
-        os.remove(lock_path(row, fold, seed, args))
+        os.remove(path)  # before letting go, so that no one locks a file about to go
+    except OSError:
+        pass  # Windows keeps an open file: it stays, and unlocked it holds nothing
+    os.close(_HELD.pop(path))  # closing lets go of the lock
+
+
+def is_held(row, fold, seed, args):
+    """Whether another process holds a run now (asking takes its lock for a moment, if it is free)."""
+    try:
+        fd = os.open(lock_path(row, fold, seed, args), os.O_RDWR)
     except FileNotFoundError:
-        pass
+        return False
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)
+
+
+def holder(row, fold, seed, args):
+    """Who holds a run, for a message: 'process PID on HOST'."""
+    try:
+        with open(lock_path(row, fold, seed, args)) as fh:
+            pid, host = fh.read().split()
+        return f"process {pid} on {host}"
+    except (OSError, ValueError):
+        return "another process"
 
 
 def wait_for(held, args):
-    """Sleep until one of the held runs is no longer held (finished, or its process gone)."""
-    while all(holder(lock_path(*k, args)) for k in held):
+    """Sleep until one of the held runs is no longer held (finished, or its process ended)."""
+    while all(is_held(*k, args) for k in held):
         time.sleep(WAIT_SECONDS)
 
 
@@ -879,8 +906,8 @@ def main(argv=None):
         teachers = [r for r in rows if "aug" in ROWS[r]]
         students = [r for r in rows if r not in teachers]
         for f in folds:
-            t_recs = {(t, s): stored(t, f, s, args) for t in teachers for s in seeds}  # this fold's teachers
             if args.table_only:  # the records there are, students only with the teachers they were made from
+                t_recs = {(t, s): stored(t, f, s, args) for t in teachers for s in seeds}
                 for s in seeds:
                     records.update({(t, f, s): t_recs[t, s] for t in teachers if t_recs[t, s]})
                     for r in students:
@@ -893,8 +920,9 @@ def main(argv=None):
                 waiting = one_pass(f, seeds, teachers, students, args, precision, records, ran, label)
                 if not waiting:
                     break
-                print(f"\nwaiting for {len(waiting)} runs that another process holds (the first: "
-                      f"{lock_path(*waiting[0], args)}; delete it if that process is gone)", flush=True)
+                r, f_, s = waiting[0]
+                print(f"\nwaiting: {holder(r, f_, s, args)} holds fold {f_} seed {s} {r}"
+                      + (f" and {len(waiting) - 1} more runs" if len(waiting) > 1 else ""), flush=True)
                 wait_for(waiting, args)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(ran)} runs finished and saved in {args.out}; "

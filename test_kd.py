@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -1833,50 +1834,84 @@ def test_study_of_another_student_width_reuses_copied_teachers(tmp_path):
     assert wider["parameters"] > first["L_KLD"]["parameters"]  # a wider student, from the same teacher
 
 
+HOLD = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b"%d elsewhere\\n" % os.getpid())
+print("held", flush=True)
+time.sleep(300)
+"""  # another process that holds a run's lock, as a study does while it trains that run
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the other process holds its lock with fcntl")
 def test_study_waits_for_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
-    """A run whose lock a live process holds is left to it: this study trains everything else first
-    (not the held teacher's students), waits, and takes the run over once that process has ended."""
-    out = str(tmp_path / "study")
-    words = STUDY_TINY + ["--fold_list", "0", "--rows", "L_KLD,L_KLD_WAug", "--pictures", "0", "--out", out]
-    args = study.options().parse_args(words)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
+    """A run another process holds is left to it: this study trains everything else first, then waits.
+    When the other process finishes the run, its record is used; when it ends without finishing it
+    (killed), its lock goes with it and this study trains the run itself."""
+    words = STUDY_TINY + ["--fold_list", "0", "--rows", "L_KLD,L_KLD_WAug", "--pictures", "0"]
+    done = os.path.join(str(tmp_path / "done"), "fold0", "seed0")  # the run as the other process leaves it
+    study.main(words + ["--out", str(tmp_path / "done")])
+    real_pass = study.one_pass
+    for finishes in (True, False):
+        out = str(tmp_path / f"finishes_{finishes}")
+        args = study.options().parse_args(words + ["--out", out])
         lock = study.lock_path("Teacher_WAug", 0, 0, args)
         os.makedirs(os.path.dirname(lock))
-        with open(lock, "w") as fh:
-            fh.write(f"{other.pid} {study.socket.gethostname()}\n")
-        assert study.holder(lock) == f"process {other.pid} on {study.socket.gethostname()}"
-        assert not study.claim("Teacher_WAug", 0, 0, args)
+        other = subprocess.Popen([sys.executable, "-c", HOLD, lock], stdout=subprocess.PIPE, text=True)
         naps = []
 
-        def nap(seconds):  # while this study waits, the other process ends without finishing the run
+        def nap(seconds):  # while this study waits, the other process finishes the run, or is killed
             naps.append(seconds)
+            assert len(naps) == 1, "waits again for a run no one holds"
+            if finishes:
+                for f in ("Teacher_WAug.json", "Teacher_WAug.pt"):
+                    shutil.copy(os.path.join(done, f), os.path.join(out, "fold0", "seed0", f))
             other.kill()
             other.wait()
-        monkeypatch.setattr(study.time, "sleep", nap)
-        ran = study.main(words)["ran"]
-    finally:
-        other.kill()
-        other.wait()
-    assert ran == [("Teacher", 0, 0), ("Student", 0, 0), ("L_KLD", 0, 0), ("Teacher_WAug", 0, 0), ("L_KLD_WAug", 0, 0)]
-    assert naps == [study.WAIT_SECONDS]
-    assert f"waiting for 1 runs that another process holds (the first: {lock}; delete it" in capsys.readouterr().out
-    assert study.holder(lock) is None and glob.glob(os.path.join(out, "fold0", "seed0", "*.lock")) == []
+        try:
+            assert other.stdout.readline() == "held\n"
+            assert study.is_held("Teacher_WAug", 0, 0, args) and not study.claim("Teacher_WAug", 0, 0, args)
+            monkeypatch.setattr(study, "time", types.SimpleNamespace(sleep=nap))
+            passes = []
+
+            def one_pass(*a):  # a wait that does not wait would pass again and again
+                passes.append(1)
+                assert len(passes) <= 2, "passes without waiting"
+                return real_pass(*a)
+            monkeypatch.setattr(study, "one_pass", one_pass)
+            ran = study.main(words + ["--out", out])["ran"]
+        finally:
+            other.kill()
+            other.wait()
+        first = [("Teacher", 0, 0), ("Student", 0, 0), ("L_KLD", 0, 0)]  # not L_KLD_WAug: its teacher is held
+        assert ran == first + ([] if finishes else [("Teacher_WAug", 0, 0)]) + [("L_KLD_WAug", 0, 0)]
+        assert naps == [study.WAIT_SECONDS] and not study.is_held("Teacher_WAug", 0, 0, args)
+        assert f"waiting: process {other.pid} on elsewhere holds fold 0 seed 0 Teacher_WAug\n" in capsys.readouterr().out
+        with open(os.path.join(out, "fold0", "seed0", "L_KLD_WAug.json")) as fh:
+            student = json.load(fh)
+        assert student["teacher_sha1"] == runs.file_hash(os.path.join(out, "fold0", "seed0", "Teacher_WAug.pt"))
+        assert (student["teacher_sha1"] == runs.file_hash(os.path.join(done, "Teacher_WAug.pt"))) == finishes
 
 
 def test_study_two_processes_share_the_runs(tmp_path):
-    """The same command twice at once on one folder: every run is trained once, by one of them."""
+    """The same command twice at once on one folder: every run is trained once, by one of the two."""
     words = STUDY_TINY + ["--fold_list", "0", "--rows", "L_KLD,L_KLD_WAug,T2KD_noWB", "--pictures", "0",
                           "--out", str(tmp_path / "study")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [open(tmp_path / f"log{i}", "w+") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "study.py"), *words], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-             for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL) for log in logs]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outputs = [open(log.name).read() for log in logs]
+    assert codes == [0, 0], outputs
     trained = sorted(m for o in outputs for m in re.findall(r"^=== \[\d+/\d+\] fold 0 seed 0 (\w+):", o, re.M))
     assert trained == sorted(["Teacher", "Teacher_WAug", "Teacher_benign", "Teacher_malignant", "Student", "L_KLD",
                               "L_KLD_WAug", "T2KD_noWB"])
+    assert glob.glob(str(tmp_path / "study" / "fold0" / "seed0" / "*.lock")) == []  # each let go as its run ended
 
 
 def test_study_trend_puts_student_widths_side_by_side(tmp_path):
