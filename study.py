@@ -325,9 +325,10 @@ def one_pass(f, seeds, teachers, students, args, precision, records, ran, label)
             return None
         try:  # the other process may have finished it since this pass looked
             teacher = "aug" in ROWS[row]
-            rec = stored(row, f, s, args, None if teacher else t_recs, say=False)
+            parents = None if teacher else t_recs  # a student's record names its teachers' checkpoints
+            rec = stored(row, f, s, args, parents, say=False)
             if rec is None or (teacher and gone((row, s))):
-                rec = train_one(row, f, s, args, label(), precision, None if teacher else t_recs)
+                rec = train_one(row, f, s, args, label(), precision, parents)
                 ran.append((row, f, s))
             return rec
         finally:
