@@ -22,10 +22,11 @@ results.json and pictures.png into the study folder. With --ensembles it trains 
 whether a teacher could know more: each teacher row against the mean-logits ensemble of its seeds
 and against itself on the image and its mirror image (ensembles_fold<F>_seed<S>.json, named by the
 folds and seeds). With --trend out/w4,out/w6,out/w10 it trains nothing and prints the student-size
-trend from those study folders' results.json (one student width each): Dice against parameters, with
-intervals. The teachers do not depend on the student's width: copy fold*/seed*/Teacher*.json and .pt
-from one such folder into the next, and its study, called with the same teacher options
-(--teacher_epochs among them), trains only the students.
+trend from those study folders' results.json (one student width each, each trained for its own
+--epochs): Dice against parameters, with intervals. The teachers do not depend on the student's width:
+copy fold*/seed*/Teacher*.json and .pt from one such folder into the next, and its study, called with
+the same teacher options (--teacher_epochs among them when the student's --epochs differ), trains only
+the students.
 """
 import argparse
 import glob
@@ -671,9 +672,10 @@ def format_table(summary, args):
     return "\n".join(lines)
 
 
-# The options that must agree between the study folders of one trend: all but the student's width.
+# The options that must agree between the study folders of one trend: all but the student's width and
+# its epochs (a narrower student may need more to finish learning); the teachers' epochs must agree too.
 TREND_SAME = ("data", "classes", "folds", "size", "phantom_count", "data_seed", "val_fraction", "near_dup",
-              "teacher_width", "epochs", "patience", "batch_size", "lr", "schedule", "warmup", "select", "alpha", "T",
+              "teacher_width", "patience", "batch_size", "lr", "schedule", "warmup", "select", "alpha", "T",
               "dckd_level", "teacher_epochs")
 
 
@@ -682,8 +684,8 @@ def trend(folders):
     other option the same), the student alone and the distilled row of highest mean validation Dice
     among those with as many runs, their test Dice with a 95% t interval over the runs, and the gain
     (paired by fold and seed) with its interval; the rows sorted by the student's parameters."""
-    lines = ["| Student width | Params | Student alone: runs, Dice [95% CI] | Best distilled row (by val Dice) "
-             "| Its runs, Dice [95% CI] | Gain over Student alone [95% CI] |", "|---|---|---|---|---|---|"]
+    lines = ["| Student width | Params | Epochs | Student alone: runs, Dice [95% CI] | Best distilled row (by val Dice) "
+             "| Its runs, Dice [95% CI] | Gain over Student alone [95% CI] |", "|---|---|---|---|---|---|---|"]
     found = []
     for folder in folders:
         path = os.path.join(folder, "results.json")
@@ -693,6 +695,7 @@ def trend(folders):
         with open(path) as f:
             res = json.load(f)
         rows, options = res["rows"], res["options"]
+        options = dict(options, teacher_epochs=options.get("teacher_epochs") or options.get("epochs"))
         if found:
             differ = [k for k in TREND_SAME if options.get(k) != found[0][0].get(k)]
             if differ:
@@ -713,7 +716,7 @@ def trend(folders):
 
     for options, rows, best in sorted(found, key=lambda t: t[1]["Student"]["parameters"]):
         lines.append(f"| {options['student_width']} | {runs.fmt_params(rows['Student']['parameters'])} | "
-                     f"{dice(rows['Student'])} | {best} | {dice(rows[best])} | {gain_text(rows[best]['gain'])} |")
+                     f"{options.get('epochs')} | {dice(rows['Student'])} | {best} | {dice(rows[best])} | {gain_text(rows[best]['gain'])} |")
     return "\n".join(lines)
 
 

@@ -1916,7 +1916,9 @@ def test_study_two_processes_share_the_runs(tmp_path):
 
 def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     """Two study folders' results.json, made from hand-made records: the trend keeps each folder's
-    student alone and its distilled row of highest validation Dice, sorted by parameters."""
+    student alone and its distilled row of highest validation Dice, sorted by parameters. The narrow
+    student trained twice as long from the same teachers is a point of the trend; a folder whose
+    teachers trained for other epochs is not."""
     def rec(row, seed, dice, val_dice, params):
         return dict(row=row, fold=0, seed=seed, dice=dice, val_dice=val_dice, iou=0.5, per_image_dice=[dice],
                     names=["img0"], parameters=params, train_seconds=1.0, precision="fp32", epoch=5, argv=["--epochs", "10"])
@@ -1925,6 +1927,8 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
              "H_MSE": ([0.80, 0.81, 0.82], 0.7, 760)},  # best on test, not on validation: not chosen
         4: {"Student": ([0.50, 0.40, 0.45], 0.5, 120), "H_MSE": ([0.52, 0.44, 0.45], 0.8, 120),
             "L_MSE": ([0.90], 0.99, 120)}}  # one run against the student alone's three: not chosen
+    options = {10: dict(student_width=10, epochs=10, teacher_epochs=0),  # 0: the teachers' epochs are --epochs
+               4: dict(student_width=4, epochs=20, teacher_epochs=10)}
     folders = []
     for w, rows in made.items():
         records = {(r, 0, k): rec(r, k, d[k], v, p) for r, (d, v, p) in rows.items() for k in range(len(d))}
@@ -1932,7 +1936,7 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
         folders.append(str(tmp_path / f"w{w}"))
         os.makedirs(folders[-1])
         with open(os.path.join(folders[-1], "results.json"), "w") as f:
-            json.dump(dict(options=dict(student_width=w), rows=summary), f)
+            json.dump(dict(options=options[w], rows=summary), f)
     t = kd.t_quantile(0.975, 2)
     ci = lambda xs, fmt: f"{fmt(100 * np.mean(xs))} [{fmt(100 * (np.mean(xs) - t * np.std(xs, ddof=1) / np.sqrt(3)))}, " \
                          f"{fmt(100 * (np.mean(xs) + t * np.std(xs, ddof=1) / np.sqrt(3)))}]"
@@ -1940,15 +1944,16 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     expected = []
     for w, best in ((4, "H_MSE"), (10, "L_KLD")):
         alone, mine = made[w]["Student"][0], made[w][best][0]
-        expected.append(f"| {w} | {runs.fmt_params(made[w]['Student'][2])} | 3, {ci(alone, plain)} | {best} | "
+        expected.append(f"| {w} | {runs.fmt_params(made[w]['Student'][2])} | {options[w]['epochs']} | "
+                        f"3, {ci(alone, plain)} | {best} | "
                         f"3, {ci(mine, plain)} | {ci([b - a for a, b in zip(alone, mine)], signed)} |")
     assert study.main(STUDY_TINY + ["--trend", ",".join(folders)])["table"].splitlines()[2:] == expected
     with pytest.raises(UserError, match=f"--trend {tmp_path}: no results.json there"):
         study.main(STUDY_TINY + ["--trend", str(tmp_path)])
-    other = tmp_path / "w6"  # a study of other epochs is not a point of the same trend
+    other = tmp_path / "w6"  # teachers of other epochs: not a point of the same trend
     other.mkdir()
     (other / "results.json").write_text(json.dumps(dict(options=dict(student_width=6, epochs=20), rows=summary)))
-    with pytest.raises(UserError, match=r"w6: made with other options than .*w10: --epochs 20 \(there None\)"):
+    with pytest.raises(UserError, match=r"w6: made with other options than .*w10: --teacher_epochs 20 \(there 10\)"):
         study.main(STUDY_TINY + ["--trend", ",".join(folders + [str(other)])])
 
 
