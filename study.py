@@ -189,11 +189,16 @@ def teacher_runs(row, seed):
     return [(t, s) for t in teachers_of(row) for s in seeds]
 
 
+def teachers_epochs(options):
+    """The teachers' most epochs under a study's options (a dict): --teacher_epochs, or --epochs when 0."""
+    return options.get("teacher_epochs") or options.get("epochs")
+
+
 def run_argv(row, fold, seed, args):
     """The exact command-line words of one run: everything explicit, so no script default (nor the
     scripts' phantom quick-demo settings) decides anything behind the study's back."""
     spec, folder = ROWS[row], run_folder(args, fold, seed)
-    epochs = (args.teacher_epochs or args.epochs) if "aug" in spec else args.epochs
+    epochs = teachers_epochs(vars(args)) if "aug" in spec else args.epochs
     common = ["--epochs", epochs, "--patience", args.patience, "--batch_size", args.batch_size,
               "--lr", args.lr, "--schedule", args.schedule, "--select", args.select, "--seed", seed,
               "--device", args.device, "--amp", args.amp] + (["--warmup", args.warmup] if args.schedule == "cosine" else [])
@@ -695,7 +700,7 @@ def trend(folders):
         with open(path) as f:
             res = json.load(f)
         rows, options = res["rows"], res["options"]
-        options = dict(options, teacher_epochs=options.get("teacher_epochs") or options.get("epochs"))
+        options = dict(options, teacher_epochs=teachers_epochs(options))
         if found:
             differ = [k for k in TREND_SAME if options.get(k) != found[0][0].get(k)]
             if differ:
@@ -716,7 +721,8 @@ def trend(folders):
 
     for options, rows, best in sorted(found, key=lambda t: t[1]["Student"]["parameters"]):
         lines.append(f"| {options['student_width']} | {runs.fmt_params(rows['Student']['parameters'])} | "
-                     f"{options.get('epochs')} | {dice(rows['Student'])} | {best} | {dice(rows[best])} | {gain_text(rows[best]['gain'])} |")
+                     f"{options.get('epochs')} | {dice(rows['Student'])} | {best} | {dice(rows[best])} | "
+                     f"{gain_text(rows[best]['gain'])} |")
     return "\n".join(lines)
 
 
