@@ -600,6 +600,14 @@ def gain_text(gain):
     return "—" if mean is None else mean + ("" if low is None else f" [{low}, {high}]")
 
 
+def share_text(share):
+    """A share of the teacher's lead (share, low, high), as share_interval returns it: "38% [25%, 56%]",
+    the share alone without an interval, "—" for none."""
+    if share is None:
+        return "—"
+    return f"{100 * share[0]:.0f}%" + ("" if share[1] is None else f" [{100 * share[1]:.0f}%, {100 * share[2]:.0f}%]")
+
+
 def full_rows(rows):
     """The distilled rows with as many runs as the student alone: the candidates of chosen_row."""
     return [r for r in DISTILLED if r in rows and "Student" in rows and rows[r]["runs"] == rows["Student"]["runs"]]
@@ -629,8 +637,7 @@ def format_table(summary, args):
         gain = gain_text(g)
         by = lambda means: " / ".join(signed(v) for v in means.values())
         split_gain = "—" if g[0] is None else f"{by(s['gain_by_fold'])}; {by(s['gain_by_seed'])}"
-        sh = s.get("share_of_lead")
-        share = "—" if sh is None else f"{100 * sh[0]:.0f}%" + ("" if sh[1] is None else f" [{100 * sh[1]:.0f}%, {100 * sh[2]:.0f}%]")
+        share = share_text(s.get("share_of_lead"))
         lines.append(f"| {name} | {s['runs']} | {pct(s['dice_mean'])}{spread} | {pct(s['val_dice_mean'])} | {gain} "
                      f"| {verdict(g) if g[0] is not None else '—'} | {split_gain} | {share} | {s['late_best']} of {s['runs']} "
                      f"| {runs.fmt_params(s['parameters'])} | {_p(s['p_vs_teacher'], args.n_perm)} "
@@ -687,10 +694,12 @@ TREND_SAME = ("data", "classes", "folds", "size", "phantom_count", "data_seed", 
 def trend(folders):
     """The student-size trend: from each study folder's results.json (one student width each, every
     other option the same), the student alone and the distilled row of highest mean validation Dice
-    among those with as many runs, their test Dice with a 95% t interval over the runs, and the gain
-    (paired by fold and seed) with its interval; the rows sorted by the student's parameters."""
+    among those with as many runs, their test Dice with a 95% t interval over the runs, the gain
+    (paired by fold and seed) with its interval, the lead over the student alone of the teacher that row
+    distils from, and the share of that lead the row recovers; the rows sorted by the student's parameters."""
     lines = ["| Student width | Params | Epochs | Student alone: runs, Dice [95% CI] | Best distilled row (by val Dice) "
-             "| Its runs, Dice [95% CI] | Gain over Student alone [95% CI] |", "|---|---|---|---|---|---|---|"]
+             "| Its runs, Dice [95% CI] | Gain over Student alone [95% CI] | Its teacher's lead [95% CI] "
+             "| Share of that lead [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
     found = []
     for folder in folders:
         path = os.path.join(folder, "results.json")
@@ -720,9 +729,11 @@ def trend(folders):
         return f"{s['runs']}, {100 * s['dice_mean']:.2f} [{100 * (s['dice_mean'] - half):.2f}, {100 * (s['dice_mean'] + half):.2f}]"
 
     for options, rows, best in sorted(found, key=lambda t: t[1]["Student"]["parameters"]):
+        teacher = rows.get(ROWS[best].get("teacher", "Teacher"))  # the lead of the teacher it distils from
         lines.append(f"| {options['student_width']} | {runs.fmt_params(rows['Student']['parameters'])} | "
                      f"{options.get('epochs')} | {dice(rows['Student'])} | {best} | {dice(rows[best])} | "
-                     f"{gain_text(rows[best]['gain'])} |")
+                     f"{gain_text(rows[best]['gain'])} | {gain_text(teacher['gain']) if teacher else '—'} "
+                     f"| {share_text(rows[best].get('share_of_lead'))} |")
     return "\n".join(lines)
 
 

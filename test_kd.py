@@ -1916,14 +1916,16 @@ def test_study_two_processes_share_the_runs(tmp_path):
 
 def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     """Two study folders' results.json, made from hand-made records: the trend keeps each folder's
-    student alone and its distilled row of highest validation Dice, sorted by parameters. The narrow
+    student alone and its distilled row of highest validation Dice, sorted by parameters, with the lead
+    of that row's teacher and the share of it recovered, where the folder has that teacher. The narrow
     student trained twice as long from the same teachers is a point of the trend; a folder whose
     teachers trained for other epochs is not."""
     def rec(row, seed, dice, val_dice, params):
         return dict(row=row, fold=0, seed=seed, dice=dice, val_dice=val_dice, iou=0.5, per_image_dice=[dice],
                     names=["img0"], parameters=params, train_seconds=1.0, precision="fp32", epoch=5, argv=["--epochs", "10"])
     made = {  # width -> row -> (Dice of seeds 0, 1, 2; validation Dice; parameters)
-        10: {"Student": ([0.60, 0.64, 0.62], 0.6, 760), "L_KLD": ([0.70, 0.66, 0.71], 0.9, 760),
+        10: {"Teacher": ([0.80, 0.83, 0.81], 0.8, 7760),  # the teacher L_KLD distils from: its lead and share
+             "Student": ([0.60, 0.64, 0.62], 0.6, 760), "L_KLD": ([0.70, 0.66, 0.71], 0.9, 760),
              "H_MSE": ([0.80, 0.81, 0.82], 0.7, 760)},  # best on test, not on validation: not chosen
         4: {"Student": ([0.50, 0.40, 0.45], 0.5, 120), "H_MSE": ([0.52, 0.44, 0.45], 0.8, 120),
             "L_MSE": ([0.90], 0.99, 120)}}  # one run against the student alone's three: not chosen
@@ -1944,9 +1946,15 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     expected = []
     for w, best in ((4, "H_MSE"), (10, "L_KLD")):
         alone, mine = made[w]["Student"][0], made[w][best][0]
+        gains = [b - a for a, b in zip(alone, mine)]
+        lead, share = "—", "—"
+        if "Teacher" in made[w]:
+            leads = [b - a for a, b in zip(alone, made[w]["Teacher"][0])]
+            lead, share = ci(leads, signed), study.share_text(study.share_interval(gains, leads))
+            assert share.count("%") == 3  # the lead is clear, so the share has its interval
         expected.append(f"| {w} | {runs.fmt_params(made[w]['Student'][2])} | {options[w]['epochs']} | "
                         f"3, {ci(alone, plain)} | {best} | "
-                        f"3, {ci(mine, plain)} | {ci([b - a for a, b in zip(alone, mine)], signed)} |")
+                        f"3, {ci(mine, plain)} | {ci(gains, signed)} | {lead} | {share} |")
     assert study.main(STUDY_TINY + ["--trend", ",".join(folders)])["table"].splitlines()[2:] == expected
     with pytest.raises(UserError, match=f"--trend {tmp_path}: no results.json there"):
         study.main(STUDY_TINY + ["--trend", str(tmp_path)])
