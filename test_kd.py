@@ -1995,6 +1995,20 @@ def test_results_readme_commands_print_the_committed_tables(tmp_path, argv):
         assert committed in readme
 
 
+def test_results_readme_trend_commands_print_the_tables_shown():
+    """Each `python study.py --trend ...` command of results/README.md, run on the committed study
+    folders' results.json, prints a table that results/README.md shows whole."""
+    text = open(os.path.join(HERE, "results", "README.md")).read()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    commands = [line.split()[2:] for b in blocks for line in b.replace("\\\n", " ").splitlines()
+                if line.startswith("python study.py") and "--trend" in line]
+    assert commands, "results/README.md shows no --trend command"
+    for argv in commands:
+        folders = argv[argv.index("--trend") + 1].split(",")
+        table = study.main(["--trend", ",".join(os.path.join(HERE, f) for f in folders)])["table"]
+        assert table in text
+
+
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
                                             (["--folds", "1"], "--folds 1: must be at least 2"),
                                             (["--epochs", "0"], "--epochs 0: must be at least 1")])
