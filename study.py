@@ -526,6 +526,7 @@ def summarise(records, rows, n_perm, perm_seed):
             lead = differences(teacher, keys=list(d))  # on the row's own pairs: an ensemble row's fold 0 only
             keys = [k for k in d if k in lead]
             s["teacher_lead"] = float(np.mean([lead[k] for k in keys])) if keys else None
+            s["teacher_lead_interval"] = kd.paired_interval([lead[k] for k in keys]) if keys else (None, None, None)
             s["share_of_lead"] = share_interval([d[k] for k in keys], [lead[k] for k in keys], perm_seed)
         for base in ("Teacher", "Student"):
             a, b = per_image_means(records, row, base)
@@ -696,7 +697,8 @@ def trend(folders):
     other option the same), the student alone and the distilled row of highest mean validation Dice
     among those with as many runs, their test Dice with a 95% t interval over the runs, the gain
     (paired by fold and seed) with its interval, the lead over the student alone of the teacher that row
-    distils from, and the share of that lead the row recovers; the rows sorted by the student's parameters."""
+    distils from (on the row's own pairs, with its interval), and the share of that lead the row
+    recovers; the rows sorted by the student's parameters."""
     lines = ["| Student width | Params | Epochs | Student alone: runs, Dice [95% CI] | Best distilled row (by val Dice) "
              "| Its runs, Dice [95% CI] | Gain over Student alone [95% CI] | Its teacher's lead [95% CI] "
              "| Share of that lead [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
@@ -729,10 +731,10 @@ def trend(folders):
         return f"{s['runs']}, {100 * s['dice_mean']:.2f} [{100 * (s['dice_mean'] - half):.2f}, {100 * (s['dice_mean'] + half):.2f}]"
 
     for options, rows, best in sorted(found, key=lambda t: t[1]["Student"]["parameters"]):
-        teacher = rows.get(ROWS[best].get("teacher", "Teacher"))  # the lead of the teacher it distils from
         lines.append(f"| {options['student_width']} | {runs.fmt_params(rows['Student']['parameters'])} | "
                      f"{options.get('epochs')} | {dice(rows['Student'])} | {best} | {dice(rows[best])} | "
-                     f"{gain_text(rows[best]['gain'])} | {gain_text(teacher['gain']) if teacher else '—'} "
+                     f"{gain_text(rows[best]['gain'])} "
+                     f"| {gain_text(rows[best].get('teacher_lead_interval', (None,) * 3))} "
                      f"| {share_text(rows[best].get('share_of_lead'))} |")
     return "\n".join(lines)
 

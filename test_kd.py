@@ -1965,13 +1965,19 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
         study.main(STUDY_TINY + ["--trend", ",".join(folders + [str(other)])])
 
 
-def results_readme_table_commands():
-    """The `python study.py ... --table_only` commands of results/README.md, as argument lists; those
-    of BUSI need BUSI_DIR."""
+def results_readme_study_commands(flag):
+    """The `python study.py ...` commands of results/README.md's bash blocks that pass flag, as
+    argument lists (continued lines joined)."""
     text = open(os.path.join(HERE, "results", "README.md")).read()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
-    commands = [line.split()[2:] for line in lines if line.startswith("python study.py") and "--table_only" in line]
+    return [line.split()[2:] for line in lines if line.startswith("python study.py") and flag in line]
+
+
+def results_readme_table_commands():
+    """The `python study.py ... --table_only` commands of results/README.md, as argument lists; those
+    of BUSI need BUSI_DIR."""
+    commands = results_readme_study_commands("--table_only")
     return [pytest.param(argv, id=argv[argv.index("--out") + 1],
                          marks=[] if argv[argv.index("--data") + 1] == "phantom" else [needs_busi]) for argv in commands]
 
@@ -1999,9 +2005,7 @@ def test_results_readme_trend_commands_print_the_tables_shown():
     """Each `python study.py --trend ...` command of results/README.md, run on the committed study
     folders' results.json, prints a table that results/README.md shows whole."""
     text = open(os.path.join(HERE, "results", "README.md")).read()
-    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-    commands = [line.split()[2:] for b in blocks for line in b.replace("\\\n", " ").splitlines()
-                if line.startswith("python study.py") and "--trend" in line]
+    commands = results_readme_study_commands("--trend")
     assert commands, "results/README.md shows no --trend command"
     for argv in commands:
         folders = argv[argv.index("--trend") + 1].split(",")
