@@ -525,8 +525,8 @@ def summarise(records, rows, n_perm, perm_seed):
         if row in DISTILLED and runs_of(teacher) and d:
             lead = differences(teacher, keys=list(d))  # on the row's own pairs: an ensemble row's fold 0 only
             keys = [k for k in d if k in lead]
-            s["teacher_lead"] = float(np.mean([lead[k] for k in keys])) if keys else None
-            s["teacher_lead_interval"] = kd.paired_interval([lead[k] for k in keys]) if keys else (None, None, None)
+            lead_interval = kd.paired_interval([lead[k] for k in keys])  # (None, None, None) without pairs
+            s["teacher_lead"], s["teacher_lead_interval"] = lead_interval[0], lead_interval
             s["share_of_lead"] = share_interval([d[k] for k in keys], [lead[k] for k in keys], perm_seed)
         for base in ("Teacher", "Student"):
             a, b = per_image_means(records, row, base)
