@@ -80,9 +80,10 @@ def lesion_mask(logits, threshold=0.5):
 
 
 @torch.no_grad()
-def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_weight=0.0):
-    """Supervised loss, per-image Dice and IoU (lesion probability >= 0.5) over every index: no
-    image is dropped, the last batch may be smaller. Images are on the device already."""
+def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_weight=0.0, sup="ce"):
+    """Supervised loss (the L_sup that trains: `sup` and `dice_weight`), per-image Dice and IoU (lesion
+    probability >= 0.5) over every index: no image is dropped, the last batch may be smaller. Images
+    are on the device already."""
     was_training = model.training
     model.eval()
     loss, dice, iou = 0.0, [], []
@@ -91,7 +92,7 @@ def evaluate(model, images, masks, indices, device, dtype, batch_size=32, dice_w
         x, y = batch(images, masks, idx)
         with autocast(device, dtype):
             logits = model(x).float()
-        loss = loss + supervised_loss(logits, y, dice_weight) * len(idx)
+        loss = loss + supervised_loss(logits, y, dice_weight, sup) * len(idx)
         d, j = dice_iou(lesion_mask(logits), y)
         dice.append(d)
         iou.append(j)
@@ -132,8 +133,8 @@ def paired_interval(d, level=0.95):
 def lr_factor(step, total, warmup, schedule):
     """The learning rate at optimiser step `step` (0-based) of `total`, as a share of the base rate.
     constant: 1 throughout (the paper). cosine: a linear warm-up over the first `warmup` steps, then
-    half a cosine down to 0 at the last step: large steps while the weights are far from a good
-    place, small ones to settle into it."""
+    half a cosine that reaches 0 just after the last step: large steps while the weights are far
+    from a good place, small ones to settle into it."""
     if schedule == "constant":
         return 1.0
     if step < warmup:
@@ -150,9 +151,10 @@ def lr_scheduler(opt, schedule, warmup, epochs, per_epoch):
 
 def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epochs=100, patience=20,
         batch_size=16, lr=1e-4, schedule="constant", warmup=0, select="loss", aug="strong", seed=0,
-        dice_weight=0.0, generators=(), teacher_images=None, resume=None, save=None):
+        dice_weight=0.0, sup="ce", generators=(), teacher_images=None, resume=None, save=None):
     """Train `model` and `extras` with Adam; step(x, y, idx) -> dict of losses, "loss" minimised. Keep the best
-    validation epoch (`select`: "loss", "dice" or "last"); stop after `patience` epochs without one. save(state) after every epoch.
+    validation epoch (`select`: "loss", "dice" or "last"; the validation loss is L_sup, by `sup` and
+    `dice_weight`); stop after `patience` epochs without one. save(state) after every epoch.
     teacher_images: the same images at a teacher's higher resolution; each batch then has a second view,
     warped and shaded as the student's (its own noise), and the call is step(x, y, idx, x_teacher)."""
     modules = [model, *extras]
@@ -166,7 +168,7 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
     train_idx, stopped = torch.as_tensor(split["train"], device=device), "last epoch"
     try:
         for epoch in range(run["epoch"] + 1, epochs + 1):
-            t0, sums = time.time(), {}
+            t0, sums, counts = time.time(), {}, {}
             for m in modules:
                 m.train()
             for idx in batches(train_idx, batch_size, generators[0]):
@@ -182,8 +184,9 @@ def fit(model, images, masks, split, step, *, device, dtype=None, extras=(), epo
                 sched.step()
                 for k, v in parts.items():  # summed on the device: no host sync per step
                     sums[k] = sums.get(k, 0) + v.detach().float() * len(idx)
-            train = {k: float(v) / len(train_idx) for k, v in sums.items()}
-            val = evaluate(model, images, masks, split["val"], device, dtype, batch_size, dice_weight)
+                    counts[k] = counts.get(k, 0) + len(idx)  # a term only some batches have: its mean over those
+            train = {k: float(v) / counts[k] for k, v in sums.items()}
+            val = evaluate(model, images, masks, split["val"], device, dtype, batch_size, dice_weight, sup)
             check_finite(train["loss"], val["loss"], epoch, run["epoch"] if save else 0)
             end_epoch(run, epoch, model, train, val, select, opt.param_groups[0]["lr"], time.time() - t0)
             if save:
@@ -208,7 +211,8 @@ def new_run():
 
 def end_epoch(run, epoch, model, train, val, select, lr, seconds):
     """Book an epoch into `run`; keep the model's weights if its validation score is the best yet
-    (select: lowest validation loss, highest validation Dice, or simply the latest epoch)."""
+    (select: lowest validation loss, highest validation Dice, or simply the latest epoch). lr: where
+    the schedule stands after the epoch's last step (the next epoch's first rate)."""
     score = dict(loss=val["loss"], dice=-val["dice"], last=-epoch)[select]
     if score < run["best_score"]:
         run.update(best_score=score, best_epoch=epoch, best_val=val,
@@ -252,7 +256,7 @@ def check_finite(train_loss, val_loss, epoch, saved_epoch):
         if not math.isfinite(loss):
             kept = f"the state after epoch {saved_epoch} is saved (--resume)" if saved_epoch else "nothing was saved"
             raise FloatingPointError(f"{what} loss became {loss} at epoch {epoch}; {kept}; "
-                                     f"try a lower --lr or --amp off")
+                                     f"to avoid it, start afresh with a lower --lr or --amp off")
 
 
 def print_epoch(run, epochs, train):

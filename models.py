@@ -168,14 +168,14 @@ class ClassTeachers(nn.Module):
     the images of one class only (train_teacher.py --only_class). route="label": every image goes to
     the teacher of its class, known while training (the student never needs it); route="mean": both
     teachers see every image and their outputs are averaged, an ablation. `classes` names each member's
-    class; forward(x, index): index (N,) long, each image's index into `members`."""
+    class; forward(x, index): index (N,) long, each image's index into `members` (not needed by "mean")."""
 
     def __init__(self, members, classes, route="label"):
         super().__init__()
         self.members, self.classes, self.route = nn.ModuleList(members), list(classes), route
         self.feature_channels = members[0].feature_channels
 
-    def forward(self, x, index, return_features=False):
+    def forward(self, x, index=None, return_features=False):
         if self.route == "mean":
             outs = [m(x, return_features=True) for m in self.members]
             logits = torch.stack([o[0] for o in outs]).mean(0)

@@ -452,6 +452,17 @@ def resume_state(args, tag):
     return state
 
 
+def can_resume(out, tag):
+    """Whether OUT's saved state is of an unfinished run with this very tag, one that can go on."""
+    path = state_path(out)
+    if not os.path.isfile(path):
+        return False
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("tag") == tag
+    except Exception:
+        return False
+
+
 def finish(args, ckpt, stopped):
     """Write the finished checkpoint (only now: an unfinished run never replaces an older finished
     one), then drop the run's state, unless Ctrl-C stopped it: --resume can still go on then.

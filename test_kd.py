@@ -891,6 +891,62 @@ def test_fit_can_keep_the_last_epoch_whatever_validation_says(monkeypatch):
     assert all(torch.equal(v, run["best_state"][k]) for k, v in model.state_dict().items())
 
 
+def test_fit_averages_a_term_over_the_batches_that_have_it(capsys):
+    d = data.make_phantom(12, 32, 0)
+    split = dict(train=list(range(9)), val=[9, 10], test=[11])  # batch 4: batches of 4 and 5 images
+    model = UNet(2)
+
+    def step(x, y, idx):  # a term only some batches have, as DCKD's with no lesion position
+        parts = dict(loss=losses.supervised_loss(model(x).float(), y))
+        return dict(parts, extra=torch.tensor(3.0)) if len(idx) == 4 else parts
+
+    kd.fit(model, d.images, d.masks, split, step, device=torch.device("cpu"), epochs=1, batch_size=4)
+    assert "(extra 3.0000)" in capsys.readouterr().out  # not 3 * 4/9, its share of the images
+
+
+def test_validation_loss_is_the_supervised_loss_that_trains():
+    torch.manual_seed(0)
+    d = data.make_phantom(6, 32, 0)
+    model = UNet(2).eval()
+    x, y = kd.batch(d.images, d.masks, torch.arange(6))
+    with torch.no_grad():
+        logits = model(x).float()
+    for sup in ("ce", "wb"):
+        r = kd.evaluate(model, d.images, d.masks, list(range(6)), torch.device("cpu"), None, 32, 0.0, sup)
+        assert r["loss"] == pytest.approx(losses.supervised_loss(logits, y, 0.0, sup).item(), rel=1e-5)
+    assert losses.weight_balance_loss(logits, y).item() != pytest.approx(losses.cross_entropy(logits, y).item(), rel=1e-3)
+
+
+def test_every_form_of_teacher_distils_in_eval_mode(tiny_teacher, tmp_path, monkeypatch):
+    seen, real = [], kd.make_step
+    monkeypatch.setattr(kd, "make_step", lambda args, student, teacher, *a, **k:
+                        seen.append(teacher) or real(args, student, teacher, *a, **k))
+    words = ["--width", "2", "--epochs", "1", "--batch_size", "4", "--no-alone", "--out", str(tmp_path / "s.pt")]
+    t = tiny_teacher[0]
+    for more in (["--teacher", t], ["--teacher", t, "--student_size", "16"], ["--teacher", f"{t},{t}"]):
+        train_student.main(words + more)
+    assert len(seen) == 3 and [type(m).__name__ for m in seen] == ["UNet", "Pooled", "Ensemble"]
+    assert not any(m.training for teacher in seen for m in teacher.modules())  # BatchNorm on its running statistics
+
+
+def test_averaged_class_teachers_are_tested_as_the_one_teacher_they_are():
+    d = data.make_phantom(8, 32, 0)
+    split = dict(train=[0, 1], val=[2], test=[3, 4, 5, 6, 7])
+    torch.manual_seed(0)
+    members = [UNet(2).eval(), UNet(2).eval()]
+    args = types.SimpleNamespace(batch_size=4, dice_weight=0.0)
+    cpu = torch.device("cpu")
+    mean = models.ClassTeachers(members, ["benign", "malignant"], route="mean").eval()
+    got = train_student.evaluate_teacher(mean, d, split, cpu, None, args)
+    want = kd.evaluate(mean, d.images, d.masks, split["test"], cpu, None, 4)
+    assert got["per_image_dice"] == want["per_image_dice"]
+    routed = train_student.evaluate_teacher(models.ClassTeachers(members, ["benign", "malignant"]).eval(), d, split,
+                                            cpu, None, args)
+    assert sorted(routed["per_image_dice"]) == sorted(
+        kd.evaluate(members[d.labels[i] == "malignant"], d.images, d.masks, [i], cpu, None, 4)["per_image_dice"][0]
+        for i in split["test"])
+
+
 def test_late_best_reads_the_lowest_validation_loss_not_the_kept_epoch():
     history = [dict(epoch=e, val_loss=v) for e, v in zip(range(1, 11), [9, 8, 7, 6, 5, 4, 3, 2, 1.5, 1.6])]
     rec = dict(epoch=10, history=history, argv=["--epochs", "10"])
@@ -1081,6 +1137,34 @@ def test_main_job_reports_the_gain_and_reuses_the_student_alone(tiny_teacher, tm
     assert "reusing" in capsys.readouterr().out and runs.file_hash(str(tmp_path / "student_alone.pt")) == before
     train_student.main(words + ["--lr", "1e-2", "--out", str(tmp_path / "kd3.pt")])  # another schedule: retrained
     assert "training it again" in capsys.readouterr().out
+
+
+def test_a_stopped_student_alone_goes_on_and_is_never_the_baseline_half_trained(tiny_teacher, tmp_path,
+                                                                                  monkeypatch, capsys):
+    words = ["--teacher", tiny_teacher[0], "--width", "2", "--epochs", "3", "--batch_size", "4"]
+    straight = train_student.main(words + ["--pathway", "none", "--out", str(tmp_path / "straight" / "alone.pt")])
+    calls, real = {"n": 0}, kd.augment
+
+    def interrupted(*a, **k):  # Ctrl-C in epoch 2 of the student alone, the first of the two runs
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(kd, "augment", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train_student.main(words + ["--out", str(tmp_path / "kd.pt")])
+    assert e.value.code == 130 and not os.path.exists(tmp_path / "kd.pt")  # stopped: no distilled run began
+    alone_path = str(tmp_path / "student_alone.pt")
+    assert runs.load_checkpoint(alone_path, "student")["stopped"] == "interrupted"
+    monkeypatch.setattr(kd, "augment", real)
+    capsys.readouterr()
+    train_student.main(words + ["--out", str(tmp_path / "kd.pt")])  # the same command again
+    out = capsys.readouterr().out
+    assert "going on with the stopped run" in out and "reusing" not in out
+    alone = runs.load_checkpoint(alone_path, "student")
+    assert alone["stopped"] == "last epoch" and alone["epoch"] == 3
+    assert all(torch.equal(alone["model"][k], straight["model"][k]) for k in straight["model"])
 
 
 def test_report_gives_the_gain_with_its_interval_and_a_share_only_of_a_clear_lead(capsys):
@@ -2247,7 +2331,7 @@ import importlib.util, json, sys, torch
 assert all(importlib.util.find_spec(m) is None for m in ("kd", "models", "predict", "data"))
 meta = {"meta.json": ""}
 model = torch.jit.load(sys.argv[1], _extra_files=meta)
-x = torch.load(sys.argv[2]).float() / 255  # grey pixels resized to S x S, as meta.json says
+x = torch.load(sys.argv[2], weights_only=True).float() / 255  # grey pixels resized to S x S, as meta.json says
 x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-6)
 with torch.no_grad():
     probability = model(x)
@@ -2278,7 +2362,7 @@ def test_predict_export_loads_in_plain_torch(tmp_path, teacher_ckpt, image_files
                         str(tmp_path / "result.pt")], cwd=tmp_path / "fresh", env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    result = torch.load(tmp_path / "result.pt")
+    result = torch.load(tmp_path / "result.pt", weights_only=True)  # tensors and plain values
     meta, got = result["meta"], result["probability"]
     assert meta["size"] == size and meta["threshold"] == 0.4 and meta["kind"] == "teacher"
     assert any("1e-6" in step and "std" in step for step in meta["preprocessing"])

@@ -24,8 +24,8 @@ Two more methods, each our reading of a paper whose formulas are not public:
 
 To show what distillation did, a distilled run also needs the student alone on the same split:
 it is trained first (out/student_alone.pt beside --out) or, when a finished one with the same
-options is there, reused; the run ends with a table of teacher, student alone and distilled
-student. --no-alone skips it.
+options is there, reused (a stopped one goes on from its saved state); the run ends with a table of
+teacher, student alone and distilled student. --no-alone skips it.
 
 The student uses its teacher's data, image size (or a divisor of it: --student_size) and split,
 recomputed here and checked against the split stored in the teacher's checkpoint: a student tested
@@ -133,7 +133,8 @@ def options():
     add("--aug", choices=["none", "weak", "strong"], help="student's augmentation (the teacher sees the same "
         "augmented batch)")
     add("--epochs", type=int, help="most epochs (the paper: 500)")
-    add("--patience", type=int, help="early stopping: epochs without a better validation loss (the paper: 50)")
+    add("--patience", type=int, help="early stopping: epochs without a better --select score (never with --select "
+        "last; the paper: 50, by validation loss)")
     add("--batch_size", type=int, help="images per step (the paper: 64)")
     add("--lr", type=float, help="Adam's peak learning rate (the paper: 1e-4, constant)")
     add("--schedule", choices=["constant", "cosine"], help="learning rate over the run: constant (the paper), or "
@@ -274,11 +275,12 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag, teacher_ima
     fitted = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
                  epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                  schedule=args.schedule, warmup=args.warmup, select=args.select, aug=args.aug, seed=seed,
-                 dice_weight=args.dice_weight, generators=step.generators, teacher_images=teacher_images,
+                 dice_weight=args.dice_weight, sup=args.sup, generators=step.generators, teacher_images=teacher_images,
                  resume=runs.resume_state(args, tag),
                  save=runs.state_saver(runs.state_path(args.out), tag))
     student.load_state_dict(fitted["best_state"])
-    test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
+    test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight,
+                       args.sup)
     test.update(names=runs.names_per_part(split, data)["test"], train_seconds=fitted["train_seconds"])
     ckpt = runs.make_checkpoint("student", student, args, data, split, parameters=count_parameters(student),
                                 teacher=args.teacher, teacher_parameters=n_teacher, epoch=fitted["best_epoch"],
@@ -292,11 +294,12 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag, teacher_ima
 
 
 def evaluate_teacher(teacher, data, split, device, dtype, args, masks=None):
-    """Test metrics of the teacher. Class teachers are each tested on their class's test images
-    (routed by the true class, which only they are given), and the per-image Dice put together.
-    masks: the student's (--student_size), on whose grid a Pooled teacher answers."""
+    """Test metrics of the teacher. Class teachers routed by label are each tested on their class's
+    test images (routed by the true class, which only they are given), and the per-image Dice put
+    together; averaged (--route mean), they are one teacher. masks: the student's (--student_size),
+    on whose grid a Pooled teacher answers."""
     images, masks = data.images.to(device), (data.masks if masks is None else masks).to(device)
-    if not isinstance(teacher, ClassTeachers):
+    if not isinstance(teacher, ClassTeachers) or teacher.route == "mean":
         return kd.evaluate(teacher, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight)
     dice = {}
     for c, member in zip(teacher.classes, teacher.members):
@@ -308,17 +311,24 @@ def evaluate_teacher(teacher, data, split, device, dtype, args, masks=None):
 
 
 def student_alone(args, teacher, data, split, device, dtype, paths):
-    """The student alone on the same split: a finished checkpoint with the same options is reused."""
+    """The student alone on the same split: a finished checkpoint with the same options is reused;
+    a run of it that was stopped (Ctrl-C, a crash) goes on from its saved state; else it is trained.
+    A baseline stopped early would make distillation look better than it is."""
     alone = copy.copy(args)
-    alone.pathway, alone.resume = "none", False
+    alone.pathway = "none"
     alone.out = os.path.join(os.path.dirname(args.out), "student_alone.pt")
     tag = run_tag(alone, data, split, paths, device)
+    alone.resume = runs.can_resume(alone.out, tag)
     if os.path.isfile(alone.out):
         ckpt = runs.load_checkpoint(alone.out, "student", "student alone")
-        if ckpt.get("tag") == tag:
+        if ckpt.get("tag") == tag and ckpt.get("stopped") != "interrupted":
             print(f"student alone: reusing {alone.out} (same split and options)")
             return ckpt
-        print(f"student alone: {alone.out} was trained with other options or another split; training it again")
+        if not alone.resume:
+            print(f"student alone: {alone.out} was trained with other options or another split, or stopped "
+                  f"before its end; training it again")
+    if alone.resume:
+        print(f"student alone: going on with the stopped run in {runs.state_path(alone.out)}")
     print("\n--- the student alone, for comparison")
     runs.seed_everything(runs.run_seed(args.seed, args.fold))  # the same initial weights as the distilled student
     return train(alone, teacher, count_parameters(teacher), data, split, device, dtype, tag)
@@ -372,10 +382,10 @@ def main(argv=None):
     teacher_images = data.images.to(device) if factor > 1 and args.pathway != "none" else None
     members = [runs.build_model(t) if factor == 1 else Pooled(runs.build_model(t), factor) for t in teacher_ckpts]
     if classes:
-        teacher = ClassTeachers(members, classes, args.route).eval()
+        teacher = ClassTeachers(members, classes, args.route)
     else:
-        teacher = members[0] if len(members) == 1 else Ensemble(members).eval()
-    teacher = runs.to_device(teacher, device).requires_grad_(False)  # eval mode, frozen
+        teacher = members[0] if len(members) == 1 else Ensemble(members)
+    teacher = runs.to_device(teacher.eval(), device).requires_grad_(False)  # eval mode, frozen
     distilling_teacher = fast_model(teacher, device, dtype) if args.fast_teacher else teacher
     widths = "+".join(str(t["model_config"]["width"]) for t in teacher_ckpts)
     print(f"teacher: {runs.fmt_params(count_parameters(teacher))} parameters (width {widths})")
@@ -384,6 +394,9 @@ def main(argv=None):
     students = []
     if args.alone and args.pathway != "none":
         students.append(("student alone", student_alone(args, teacher, small, split, device, dtype, paths)))
+        if students[0][1]["stopped"] == "interrupted":  # Ctrl-C: stop here, not only the student alone
+            print("stopped with the student alone unfinished; the same command (without --resume) goes on with it")
+            raise SystemExit(130)
         print(f"\n--- the student distilled ({args.pathway})")
     # 3. The student distilled (or alone, with --pathway none), from the same initial weights
     runs.seed_everything(runs.run_seed(args.seed, args.fold))
