@@ -5,7 +5,8 @@ and its 95% interval. One command:
     python study.py                               # BUSI at data/Dataset_BUSI_with_GT, else the phantom
     python study.py --fold_list 0 --rows Teacher,Student,L_KLD_WAug --epochs 20
     python study.py --seeds 0,1,2                 # every row 3 times per fold: the spread over retraining
-    python study.py --epochs 500 --patience 50 --batch_size 64 --teacher_width 112   # the paper's scale
+    python study.py --schedule constant --lr 1e-4 --epochs 500 --patience 50 --batch_size 64 --select loss \
+                    --teacher_width 112           # the paper's scale and schedule
 
 Per fold and seed it trains two teachers (train_teacher.py --aug strong and --aug weak), then the
 student alone and twelve distilled students (train_student.py), each row from the teacher its name
@@ -101,7 +102,8 @@ def options():
     add("--size", type=int, help="images are resized to size x size (the paper: 224)")
     add("--phantom_count", type=int, help="number of phantom images")
     add("--data_seed", type=int, help="seed of the split (and of the phantom)")
-    add("--val_fraction", type=float, help="share of the training part held out for early stopping")
+    add("--val_fraction", type=float, help="share of the training part held out for validation: the kept epoch, early "
+        "stopping")
     add("--near_dup", type=float, help="thumbnail correlation above which images are near-copies, kept on one side "
         "of the split (0: exact copies only)")
     add("--teacher_width", type=int, help="teacher U-Net width: 64 = 31.0M params, 112 = 95.0M (the paper's scale)")
@@ -109,7 +111,8 @@ def options():
     add("--epochs", type=int, help="most epochs of every run (the paper: 500)")
     add("--teacher_epochs", type=int, help="most epochs of the teachers' runs, when they need longer than their "
         "students to stop improving (0: --epochs)")
-    add("--patience", type=int, help="early stopping patience of every run (the paper: 50)")
+    add("--patience", type=int, help="early stopping patience of every run: epochs without a better --select score (the "
+        "paper: 50)")
     add("--batch_size", type=int, help="images per step (the paper: 64)")
     add("--lr", type=float, help="Adam's peak learning rate (the paper: 1e-4, constant)")
     add("--schedule", choices=["constant", "cosine"], help="learning rate over a run: constant (the paper) or cosine "

@@ -2,7 +2,8 @@
 
     python train_teacher.py                      # BUSI at data/Dataset_BUSI_with_GT, else the phantom
     python train_teacher.py --data ~/BUSI/Dataset_BUSI_with_GT --fold 1 --out out/teacher_fold1.pt
-    python train_teacher.py --epochs 500 --patience 50 --batch_size 64   # the paper's schedule
+    python train_teacher.py --schedule constant --lr 1e-4 --epochs 500 --patience 50 --batch_size 64 \
+                            --select loss        # the paper's schedule
     python train_teacher.py --resume             # go on with a run that was stopped or killed
     python train_teacher.py --only_class benign  # a class teacher (T2KD): the benign images of the split
 
@@ -60,7 +61,8 @@ def options():
     add("--size", type=int, help="images are resized to size x size (the paper: 224)")
     add("--folds", type=int, help="k of the k-fold split (the paper: 3-fold cross-validation)")
     add("--fold", type=int, help="which fold is the test part, 0..folds-1")
-    add("--val_fraction", type=float, help="share of the training part held out for early stopping")
+    add("--val_fraction", type=float, help="share of the training part held out for validation: the kept epoch, early "
+        "stopping")
     add("--data_seed", type=int, help="seed of the split (and of the phantom)")
     add("--phantom_count", type=int, help="number of phantom images")
     add("--near_dup", type=float, help="images whose 32x32 thumbnails correlate above this are near-copies: one "
@@ -75,7 +77,8 @@ def options():
     add("--aug", choices=["none", "weak", "strong"], help="teacher's augmentation: the paper's _WAug rows distil "
         "from a 'weak' teacher")
     add("--epochs", type=int, help="most epochs (the paper: 500)")
-    add("--patience", type=int, help="early stopping: epochs without a better validation loss (the paper: 50)")
+    add("--patience", type=int, help="early stopping: epochs without a better --select score (never with --select "
+        "last; the paper: 50, by validation loss)")
     add("--batch_size", type=int, help="images per step (the paper: 64)")
     add("--lr", type=float, help="Adam's peak learning rate (the paper: 1e-4, constant)")
     add("--schedule", choices=["constant", "cosine"], help="learning rate over the run: constant (the paper), or "
