@@ -52,6 +52,10 @@ def open_image(path, mode):
     """Decode a file into a PIL image of `mode`, or raise a one-line UserError naming it."""
     try:
         with Image.open(path) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16- or 32-bit grey: convert() would clip
+                a = np.asarray(im, dtype=np.float64)  # at 255; scaled by its own maximum instead (images are
+                a = a * 255 / a.max() if a.max() > 255 else a  # normalised per image; 0/1 masks stay 0/1)
+                im = Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8))
             return im.convert(mode)  # RGB, RGBA, 1-bit and palette files all become grey ("L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read this image ({e}); re-download or remove it") from None

@@ -284,6 +284,8 @@ def main(argv=None):
           f"{runs.fmt_params(count_parameters(model))} parameters, input {size}x{size}; device {device}, "
           f"{runs.precision_name(dtype, autocast=False)}, BatchNorm folded; {len(files)} image{'s' * (len(files) != 1)}")
     lesion_probability(model, torch.zeros(1, 1, size, size, device=device))  # warm-up: kernels chosen once
+    if files and os.path.isfile(args.out):
+        raise UserError(f"--out {args.out}: that is a file; give a folder for the masks")
     if files:
         os.makedirs(args.out, exist_ok=True)
     times, written, empty, t_start = [], [], 0, time.perf_counter()

@@ -75,7 +75,7 @@ def check_options(args):
     for k, ok, rule in (("lr", lambda v: v > 0, "above 0"), ("T", lambda v: v > 0, "above 0"),
                         ("alpha", lambda v: 0 <= v <= 1, "in [0, 1]"), ("dice_weight", lambda v: v >= 0, "0 or more"),
                         ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"), ("warmup", lambda v: v >= 0, "0 or more"),
-                        ("near_dup", lambda v: 0 <= v <= 1, "in [0, 1]")):
+                        ("near_dup", lambda v: 0 <= v <= 1, "in [0, 1]"), ("data_seed", lambda v: v >= 0, "0 or more")):
         if hasattr(args, k) and not ok(getattr(args, k)):
             raise UserError(f"--{k} {getattr(args, k)}: must be {rule}")
     if not 0 <= args.fold < args.folds:
@@ -112,7 +112,8 @@ def load_split_data(args):
         across = sum(len({part[i] for i, g in enumerate(groups) if g == key}) > 1 for key in set(groups))
         if across:
             print(f"note: --split puts {across} groups of copies or near-copies across this fold's parts (a leak "
-                  f"of that split; splits made here never do)")
+                  f"of that split, or of a validation part drawn image by image from a benchmark's train list; "
+                  f"splits made here from --data never do)")
     elif copies or len(data) - len(set(groups)):
         print(f"data: {copies} exact copies and {len(data) - len(set(groups)) - copies} near-copies (thumbnails "
               f"correlating above --near_dup {args.near_dup}) kept on the same side of the split as the image they copy")
@@ -175,7 +176,8 @@ def benchmark_splits(path, data, val_fraction, seed):
     busi_val1.txt, busi_train2.txt ... (one split per pair), or "TRAIN.txt,VAL.txt" (one split).
     Each list holds one image name a line, without folder or extension ("malignant (84)"). The
     benchmark's val list is our test part (it reports on it); of its train list, `val_fraction` of
-    each class, drawn by `seed`, is our validation part (for choosing the epoch), the rest training."""
+    each class, drawn by `seed` image by image (a near-copy may fall on the other side), is our validation
+    part (for choosing the epoch), the rest training."""
     if os.path.isdir(path):
         pairs = [(os.path.join(path, f"busi_train{k}.txt"), os.path.join(path, f"busi_val{k}.txt")) for k in range(1, 100)]
         pairs = [p for p in pairs if os.path.isfile(p[0])]
@@ -279,6 +281,8 @@ def run_seed(seed, fold):
     its own and sees a data stream of its own, so that 3 folds x 3 seeds are 9 independent
     replicates, not 3 initialisations seen three times. (A student and its teacher of the same
     fold and seed share it, and so do the student alone and the distilled one: that pairing is meant.)"""
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be 0 or more")
     return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
 
 

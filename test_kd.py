@@ -451,6 +451,17 @@ def test_generic_folder_loader(tmp_path):
     assert d.masks[0].sum() == m.sum()
 
 
+def test_16_bit_files_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)  # 0..65535: 8-bit value v is 257 v
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    mask = np.zeros((16, 16), np.uint16)
+    mask[3:6, 4:9] = 1  # a 16-bit 0/1 mask
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert Image.open(tmp_path / "ramp.png").mode.startswith("I")  # a mode convert("L") would clip at 255
+    assert np.array_equal(np.asarray(data.open_image(tmp_path / "ramp.png", "L")), ramp // 257)
+    assert np.array_equal(np.asarray(data.open_image(tmp_path / "mask.png", "L")), mask)
+
+
 @pytest.mark.parametrize("case", ["no_mask", "size", "corrupt", "empty_class", "orphan_mask", "missing"])
 def test_bad_data_gives_one_line_errors(tmp_path, case):
     root, _, _ = fake_busi(str(tmp_path / "busi"), normal=False)
@@ -1517,7 +1528,8 @@ def test_bad_options_and_help(tiny_teacher, tmp_path):
     for name, args, words in (("train_teacher.py", ["--data", "phantom", "--size", "8"], ["--size 8", "at least 16"]),
                               ("train_teacher.py", ["--data", "phantom", "--phantom_count", "4", "--folds", "3"],
                                ["too few", "--folds"]),
-                              ("train_student.py", ["--teacher", tiny_teacher[0], "--alpha", "2"], ["--alpha 2.0"])):
+                              ("train_student.py", ["--teacher", tiny_teacher[0], "--alpha", "2"], ["--alpha 2.0"]),
+                              ("train_teacher.py", ["--data", "phantom", "--seed", "-1"], ["--seed -1", "0 or more"])):
         rc, _, err = script(name, *args, cwd=str(tmp_path))
         assert_one_line_error(rc, err, *words)
 
@@ -1709,7 +1721,8 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert low == pytest.approx(0.25 - half) and high == pytest.approx(0.25 + half)
     assert s["gain_by_fold"] == pytest.approx({0: 0.15, 1: 0.35}) and s["gain_by_seed"] == pytest.approx({0: 0.2, 1: 0.3})
     share, lo, hi = s["share_of_lead"]  # gains 0.1-0.4 of a lead of 0.5 in every pair
-    assert s["teacher_lead"] == pytest.approx(0.5) and share == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
+    assert s["teacher_lead"] == pytest.approx(0.5) and share == pytest.approx(0.5)
+    assert lo == pytest.approx((0.25 - half) / 0.5) and hi == pytest.approx((0.25 + half) / 0.5)  # a fixed lead
     # images matched by fold and name, each averaged over the two seeds: 24 images, not 48 image-seed pairs
     assert s["pairs_vs_student"] == 24 and s["p_vs_student"] == 1 / 1000  # every image better: p at its floor
     mine, theirs = study.per_image_means(records, "L_KLD", "Student")
@@ -1732,6 +1745,16 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert ens["teacher_lead"] == pytest.approx(0.2) and ens["share_of_lead"][0] == pytest.approx(0.5)
     # two pairs whose leads are both positive but whose t interval spans 0: a share, no interval
     assert study.share_interval([1.00, 0.63], [4.38, 2.77]) == (pytest.approx(1.63 / 7.15), None, None)
+    # Fieller's interval against a scan: every share r whose t interval of gain - r * lead holds 0
+    rng = np.random.default_rng(0)
+    gains, leads = rng.normal(1, 0.8, 9), rng.normal(3, 1.2, 9)
+    share, low, high = study.share_interval(gains, leads)
+    r = np.linspace(-2, 3, 50001)
+    d = gains[None, :] - r[:, None] * leads[None, :]
+    inside = r[np.abs(d.mean(1)) <= kd.t_quantile(0.975, 8) * d.std(1, ddof=1) / 3]
+    assert share == pytest.approx(gains.mean() / leads.mean()) and low < share < high
+    assert low == pytest.approx(inside.min(), abs=1e-4) and high == pytest.approx(inside.max(), abs=1e-4)
+    assert np.all(np.diff(inside) < 1.5e-4)  # one interval, no gaps
     # a class teacher, tested on half the images: its gain is over the student alone on that half
     for k in keys:
         records[("Teacher_benign",) + k] = dict(rec("Teacher_benign", *k, [0.9] * 6), names=records[("Student",) + k]["names"][:6])
@@ -2099,10 +2122,23 @@ def test_results_readme_trend_commands_print_the_tables_shown():
 
 @pytest.mark.parametrize("words, message", [(["--rows", "L_XYZ"], "L_XYZ"), (["--fold_list", "5"], "5"),
                                             (["--folds", "1"], "--folds 1: must be at least 2"),
-                                            (["--epochs", "0"], "--epochs 0: must be at least 1")])
+                                            (["--epochs", "0"], "--epochs 0: must be at least 1"),
+                                            (["--seeds", "0,-1"], "--seeds 0,-1: give whole numbers, 0 or more"),
+                                            (["--perm_seed", "-1"], "--perm_seed")])
 def test_bad_options_are_one_line_errors(tmp_path, words, message):
     with pytest.raises(UserError, match=message):
         study.main(STUDY_TINY + ["--out", str(tmp_path)] + words)
+
+
+def test_study_refuses_a_file_as_its_folder_and_a_broken_results_json(tmp_path):
+    (tmp_path / "f").write_text("not a folder")
+    with pytest.raises(UserError, match=r"--out .*f: that is a file; give a folder"):
+        study.main(STUDY_TINY + ["--out", str(tmp_path / "f")])
+    for text in ("{", '{"options": {}}'):  # not JSON; JSON without the rows
+        os.makedirs(tmp_path / "t", exist_ok=True)
+        (tmp_path / "t" / "results.json").write_text(text)
+        with pytest.raises(UserError, match=r"--trend .*t: its results.json is not a study's"):
+            study.main(["--trend", str(tmp_path / "t")])
 
 
 # ----------------------------------------------------------------------------- predict and export: shared set-ups
@@ -2223,6 +2259,12 @@ def test_predict_refuses_bad_inputs(tmp_path, teacher_ckpt, image_files):
         predict.main(ck)
     with pytest.raises(data.UserError, match="nope.pt: file not found; train one with"):
         predict.main(["--checkpoint", str(tmp_path / "nope.pt"), str(image_files[0])])
+
+
+def test_predict_refuses_a_file_as_its_output_folder(tmp_path, teacher_ckpt, image_files):
+    (tmp_path / "f").write_text("not a folder")
+    with pytest.raises(UserError, match=r"--out .*f: that is a file; give a folder"):
+        predict.main(["--checkpoint", str(teacher_ckpt), str(image_files[0]), "--out", str(tmp_path / "f")])
 
 
 def test_predict_corrupt_png_one_line_error(tmp_path, teacher_ckpt, image_files):
