@@ -327,7 +327,7 @@ def atomic_write(path, write):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     except OSError as e:
-        raise UserError(f"{path}: cannot write there ({e.strerror}); give another --out") from None
+        raise UserError(f"{path}: cannot write there ({e.strerror}); give a path you can write to") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -339,7 +339,7 @@ def atomic_write(path, write):
         free = shutil.disk_usage(folder).free
         raise UserError(f"{path}: writing it failed with {free / 2**20:.0f} MiB free on its disk "
                         f"({str(e).splitlines()[0][:80]}); the file as it was before is kept: free some space "
-                        f"(or give another --out) and run again, with --resume to go on") from None
+                        f"(or write elsewhere) and run again, with --resume to go on") from None
     except BaseException:
         os.unlink(tmp)
         raise

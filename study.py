@@ -775,6 +775,10 @@ def ensembles(args, folds, seeds, rows):
             named = {k: [data.names[i] for i in v] for k, v in splits[f].items()}
             if any(c["split"] != named for c in ckpts):
                 raise UserError(f"{paths[0]}: trained on another split than fold {f} of --data {args.data}")
+            sizes = {runs.image_size(c) for c in ckpts}
+            if sizes != {args.size}:
+                raise UserError(f"{paths[0]}: trained at --size {min(sizes)}, scored here at {args.size}; give the "
+                                f"study's --size")
             models = [runs.to_device(runs.build_model(c), device) for c in ckpts]
             rec = dict(fold=f, seeds=seeds, sha1=[runs.file_hash(p) for p in paths])
             for part in ("val", "test"):

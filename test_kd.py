@@ -1871,6 +1871,8 @@ def test_study_seeds_are_paired_runs(tmp_path):
     assert ens["Teacher"][0]["test"]["per_image_dice"] == pytest.approx(mean.tolist(), abs=1e-6)
     assert ens["Teacher"][0]["test"]["flipped"] == pytest.approx(flipped, abs=1e-6)
     assert json.load(open(os.path.join(out, "ensembles_fold0_seed0-1.json")))["rows"]["Teacher"][0]["test"]["names"] == test
+    with pytest.raises(UserError, match="trained at --size 32, scored here at 48"):  # not silently at another side
+        study.main(words + ["--ensembles", "--size", "48"])
     for s in (0, 1):
         os.remove(os.path.join(out, "fold0", f"seed{s}", "Student.pt"))
         os.remove(os.path.join(out, "fold0", f"seed{s}", "Teacher.pt"))
