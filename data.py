@@ -53,8 +53,9 @@ def open_image(path, mode):
     try:
         with Image.open(path) as im:
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16- or 32-bit grey: convert() would clip
-                a = np.asarray(im, dtype=np.float64)  # at 255; scaled by its own maximum instead (images are
-                a = a * 255 / a.max() if a.max() > 255 else a  # normalised per image; 0/1 masks stay 0/1)
+                a = np.asarray(im, dtype=np.float64)  # at 255 (or round floats in [0, 1] to 0 or 1); scaled by
+                top = a.max()  # its own maximum instead: images are normalised per image; 0/1 masks stay 0/1
+                a = a * 255 / top if top > 0 and (im.mode == "F" or top > 255) else a
                 im = Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8))
             return im.convert(mode)  # RGB, RGBA, 1-bit and palette files all become grey ("L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

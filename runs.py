@@ -436,7 +436,8 @@ def resume_state(args, tag):
     path = state_path(args.out)
     if not args.resume:
         if os.path.isfile(path):
-            print(f"note: {path} holds an unfinished run; starting afresh (add --resume to go on with it)")
+            print(f"note: {path} holds an unfinished run; starting afresh replaces it (--resume with that run's "
+                  f"options would go on with it)")
         return None
     if not os.path.isfile(path):
         raise UserError(f"--resume: no unfinished run at {path}; run without --resume to start one")

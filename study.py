@@ -607,11 +607,12 @@ def gain_text(gain):
 
 
 def share_text(share):
-    """A share of the teacher's lead (share, low, high), as share_interval returns it: "38% [25%, 56%]",
-    the share alone without an interval, "—" for none."""
+    """A share of the teacher's lead (share, low, high), as share_interval returns it: "38% [21%, 62%]",
+    the share alone without an interval, "—" for none. Whole percents (round: -0.4% is "0%", not "-0%")."""
     if share is None:
         return "—"
-    return f"{100 * share[0]:.0f}%" + ("" if share[1] is None else f" [{100 * share[1]:.0f}%, {100 * share[2]:.0f}%]")
+    pct = lambda x: f"{round(100 * x)}%"
+    return pct(share[0]) + ("" if share[1] is None else f" [{pct(share[1])}, {pct(share[2])}]")
 
 
 def full_rows(rows):
@@ -718,10 +719,10 @@ def trend(folders):
             with open(path) as f:
                 res = json.load(f)
             rows, options = res["rows"], res["options"]
+            options = dict(options, teacher_epochs=teachers_epochs(options))
         except (ValueError, KeyError, TypeError):
             raise UserError(f"--trend {folder}: its results.json is not a study's; write it again with study.py "
                             f"--table_only and that study's options") from None
-        options = dict(options, teacher_epochs=teachers_epochs(options))
         if found:
             differ = [k for k in TREND_SAME if options.get(k) != found[0][0].get(k)]
             if differ:
@@ -775,9 +776,9 @@ def ensembles(args, folds, seeds, rows):
             named = {k: [data.names[i] for i in v] for k, v in splits[f].items()}
             if any(c["split"] != named for c in ckpts):
                 raise UserError(f"{paths[0]}: trained on another split than fold {f} of --data {args.data}")
-            sizes = {runs.image_size(c) for c in ckpts}
-            if sizes != {args.size}:
-                raise UserError(f"{paths[0]}: trained at --size {min(sizes)}, scored here at {args.size}; give the "
+            other = sorted({runs.image_size(c) for c in ckpts} - {args.size})
+            if other:
+                raise UserError(f"{paths[0]}: trained at --size {other[0]}, scored here at {args.size}; give the "
                                 f"study's --size")
             models = [runs.to_device(runs.build_model(c), device) for c in ckpts]
             rec = dict(fold=f, seeds=seeds, sha1=[runs.file_hash(p) for p in paths])

@@ -940,22 +940,34 @@ def test_every_form_of_teacher_distils_in_eval_mode(tiny_teacher, tmp_path, monk
     assert not any(m.training for teacher in seen for m in teacher.modules())  # BatchNorm on its running statistics
 
 
+class Answer(nn.Module):
+    """A fake teacher that gives the same logits (background, lesion) at every pixel."""
+    feature_channels = {"bottleneck": 3}
+
+    def __init__(self, background, lesion):
+        super().__init__()
+        self.logits = torch.tensor([background, lesion]).view(1, 2, 1, 1)
+
+    def forward(self, x, return_features=False):
+        logits = self.logits.expand(len(x), 2, *x.shape[2:])
+        return (logits, {"bottleneck": torch.zeros(len(x), 3, 1, 1)}) if return_features else logits
+
+
 def test_averaged_class_teachers_are_tested_as_the_one_teacher_they_are():
     d = data.make_phantom(8, 32, 0)
     split = dict(train=[0, 1], val=[2], test=[3, 4, 5, 6, 7])
-    torch.manual_seed(0)
-    members = [UNet(2).eval(), UNet(2).eval()]
-    args = types.SimpleNamespace(batch_size=4, dice_weight=0.0)
-    cpu = torch.device("cpu")
-    mean = models.ClassTeachers(members, ["benign", "malignant"], route="mean").eval()
-    got = train_student.evaluate_teacher(mean, d, split, cpu, None, args)
-    want = kd.evaluate(mean, d.images, d.masks, split["test"], cpu, None, 4)
-    assert got["per_image_dice"] == want["per_image_dice"]
-    routed = train_student.evaluate_teacher(models.ClassTeachers(members, ["benign", "malignant"]).eval(), d, split,
-                                            cpu, None, args)
-    assert sorted(routed["per_image_dice"]) == sorted(
-        kd.evaluate(members[d.labels[i] == "malignant"], d.images, d.masks, [i], cpu, None, 4)["per_image_dice"][0]
-        for i in split["test"])
+    assert {d.labels[i] for i in split["test"]} == {"benign", "malignant"}
+    cpu, args = torch.device("cpu"), types.SimpleNamespace(batch_size=4, dice_weight=0.0)
+    members = [Answer(0.0, 6.0), Answer(4.0, 0.0)]  # the benign teacher: lesion everywhere; the malignant: nowhere
+    everywhere, nowhere = (kd.evaluate(m, d.images, d.masks, split["test"], cpu, None, 4)["per_image_dice"]
+                           for m in members)
+    assert min(everywhere) > 0 and max(nowhere) == 0  # every test image has a lesion
+    mean = models.ClassTeachers(members, ["benign", "malignant"], route="mean")  # logits (2, 3): lesion everywhere
+    assert train_student.evaluate_teacher(mean, d, split, cpu, None, args)["per_image_dice"] == everywhere
+    routed = train_student.evaluate_teacher(models.ClassTeachers(members, ["benign", "malignant"]), d, split, cpu,
+                                            None, args)["per_image_dice"]
+    assert routed == [(e if d.labels[i] == "benign" else n) for i, e, n in zip(split["test"], everywhere, nowhere)]
+    assert routed != everywhere
 
 
 def test_late_best_reads_the_lowest_validation_loss_not_the_kept_epoch():
@@ -1169,6 +1181,9 @@ def test_a_stopped_student_alone_goes_on_and_is_never_the_baseline_half_trained(
     alone_path = str(tmp_path / "student_alone.pt")
     assert runs.load_checkpoint(alone_path, "student")["stopped"] == "interrupted"
     monkeypatch.setattr(kd, "augment", real)
+    with pytest.raises(UserError, match="no unfinished run .*a stopped student alone goes on by itself"):
+        train_student.main(words + ["--out", str(tmp_path / "kd.pt"), "--resume"])  # refused before any training
+    assert runs.load_checkpoint(alone_path, "student")["stopped"] == "interrupted"
     capsys.readouterr()
     train_student.main(words + ["--out", str(tmp_path / "kd.pt")])  # the same command again
     out = capsys.readouterr().out

@@ -376,6 +376,9 @@ def main(argv=None):
         raise UserError(f"--out {args.out}: give a file name ending in .pt")
     if os.path.abspath(args.out) in map(os.path.abspath, paths):
         raise UserError(f"--out {args.out}: that is a teacher's file; choose another name")
+    if args.resume and not os.path.isfile(runs.state_path(args.out)):  # said now, not after the student alone
+        raise UserError(f"--resume: no unfinished run at {runs.state_path(args.out)}; run without --resume to start "
+                        f"one (a stopped student alone goes on by itself)")
     device = runs.pick_device(args.device)
     dtype = runs.amp_dtype(device, args.amp)
     small, factor = student_data(args, data)  # a student at a smaller side: the teacher answers on its grid
