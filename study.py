@@ -575,11 +575,12 @@ def share_interval(gains, leads, level=0.95):
     return share, float((b - half) / a), float((b + half) / a)
 
 
-def _p(p, n_perm):
-    """A p-value as printed; one at the floor of n_perm random sign flips, 1 / (n_perm + 1), as '< 1e-04'."""
+def _p(p, n_perm, pairs=21):
+    """A p-value as printed; one at the floor of n_perm random sign flips, 1 / (n_perm + 1), as '< 1e-04'
+    (only there: over 20 pairs or fewer the test is exact and p is printed as it is)."""
     if p is None:
         return "—"
-    if p * (n_perm + 1) <= 1 + 1e-9:
+    if pairs > 20 and p * (n_perm + 1) <= 1 + 1e-9:
         return f"< {10.0 ** math.ceil(math.log10(p)):.0e}"
     return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
@@ -647,8 +648,8 @@ def format_table(summary, args):
         share = share_text(s.get("share_of_lead"))
         lines.append(f"| {name} | {s['runs']} | {pct(s['dice_mean'])}{spread} | {pct(s['val_dice_mean'])} | {gain} "
                      f"| {verdict(g) if g[0] is not None else '—'} | {split_gain} | {share} | {s['late_best']} of {s['runs']} "
-                     f"| {runs.fmt_params(s['parameters'])} | {_p(s['p_vs_teacher'], args.n_perm)} "
-                     f"| {_p(s['p_vs_student'], args.n_perm)} | {s['paper'] or '—'} |")
+                     f"| {runs.fmt_params(s['parameters'])} | {_p(s['p_vs_teacher'], args.n_perm, s['pairs_vs_teacher'])} "
+                     f"| {_p(s['p_vs_student'], args.n_perm, s['pairs_vs_student'])} | {s['paper'] or '—'} |")
     precisions = sorted({p for s in summary.values() for p in s["precision"]})
     lines += [
         "",
@@ -906,8 +907,11 @@ def main(argv=None):
     dict(table), and with --ensembles, dict(ensembles)."""
     p = options()
     args = p.parse_args(argv)
-    if args.trend.strip():  # trains nothing: the student-size trend of finished studies
-        table = trend([f.strip() for f in args.trend.split(",") if f.strip()])
+    if args.trend:  # trains nothing: the student-size trend of finished studies
+        folders = [f.strip() for f in args.trend.split(",") if f.strip()]
+        if not folders:
+            raise UserError(f"--trend {args.trend}: give the folders of finished studies, comma-separated")
+        table = trend(folders)
         print(table)
         return dict(table=table)
     args = runs.choose_data(p, argv, args, PHANTOM_DEMO)

@@ -1710,6 +1710,7 @@ def test_t_quantile_and_paired_interval():
 def test_p_values_at_the_monte_carlo_floor_are_printed_as_a_bound():
     assert study._p(1 / 10001, 10000) == "< 1e-04" and study._p(2 / 10001, 10000) == "2.0e-04"
     assert study._p(0.25, 10000) == "0.2500" and study._p(None, 10000) == "—"
+    assert study._p(2 / 2 ** 16, 10000, pairs=16) == "3.1e-05"  # exact over 16 pairs: no floor to speak of
 
 
 def test_summary_pairs_runs_by_fold_and_seed():
@@ -2082,6 +2083,8 @@ def test_study_trend_puts_student_widths_side_by_side(tmp_path):
     assert study.main(STUDY_TINY + ["--trend", ",".join(folders)])["table"].splitlines()[2:] == expected
     with pytest.raises(UserError, match=f"--trend {tmp_path}: no results.json there"):
         study.main(STUDY_TINY + ["--trend", str(tmp_path)])
+    with pytest.raises(UserError, match="--trend ,: give the folders of finished studies"):
+        study.main(["--trend", ","])
     other = tmp_path / "w6"  # teachers of other epochs: not a point of the same trend
     other.mkdir()
     (other / "results.json").write_text(json.dumps(dict(options=dict(student_width=6, epochs=20), rows=summary)))
