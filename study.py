@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import UserError
+from data import UserError, load_data, near_duplicate_groups
 import kd
 import runs
 import train_student
@@ -487,12 +487,13 @@ def paired_permutation_test(a, b, n_perm=10000, seed=0):
 
 # ----------------------------------------------------------------------------- the table
 
-def summarise(records, rows, n_perm, perm_seed):
+def summarise(records, rows, n_perm, perm_seed, groups=None):
     """records: {(row, fold, seed): record} -> one dict per row. Per row: the mean and spread of
     Dice over its runs (fold x seed); its gain over the student alone, paired by fold and seed, with
     a 95% t interval over those pairs and its means per fold and per seed; for a distilled row, the
     share of its teacher's lead it recovers on the same pairs, with Fieller's interval;
-    per-image permutation p-values against Teacher and Student alone."""
+    per-image permutation p-values against Teacher and Student alone (`groups`: {image name: its
+    group of near-copies}, each group one unit of that test)."""
     def runs_of(row):
         return {(f, s): r for (r_, f, s), r in records.items() if r_ == row}
 
@@ -532,24 +533,31 @@ def summarise(records, rows, n_perm, perm_seed):
             s["teacher_lead"], s["teacher_lead_interval"] = lead_interval[0], lead_interval
             s["share_of_lead"] = share_interval([d[k] for k in keys], [lead[k] for k in keys])
         for base in ("Teacher", "Student"):
-            a, b = per_image_means(records, row, base)
+            a, b = per_image_means(records, row, base, groups)
             s[f"p_vs_{base.lower()}"] = (None if row == base or not a else paired_permutation_test(a, b, n_perm, perm_seed))
             s[f"pairs_vs_{base.lower()}"] = len(a) if row != base else 0
         out[row] = s
     return out
 
 
-def per_image_means(records, row, base):
+def per_image_means(records, row, base, groups=None):
     """Per test image (fold, name): its Dice under `row` and under `base`, each averaged over the seeds
-    both ran, so an image tested under three seeds counts once, not three times."""
+    both ran, so an image tested under three seeds counts once, not three times. With `groups` ({name:
+    group}), per group of near-copies instead, the mean of its images': two near-copies are nearly
+    one image seen twice, not two pieces of evidence."""
     dice = lambda r_: {(f, n, s): v for (r, f, s), rec in records.items() if r == r_
                        for n, v in zip(rec["names"], rec["per_image_dice"])}
     mine, theirs = dice(row), dice(base)
     images = {}
     for f, n, s in mine.keys() & theirs.keys():
         images.setdefault((f, n), []).append((mine[f, n, s], theirs[f, n, s]))
-    keys = sorted(images)
-    return [float(np.mean([p[0] for p in images[k]])) for k in keys], [float(np.mean([p[1] for p in images[k]])) for k in keys]
+    means = {k: (np.mean([p[0] for p in v]), np.mean([p[1] for p in v])) for k, v in images.items()}
+    units = {}
+    for (f, n), m in means.items():
+        units.setdefault((f, n if groups is None else groups[n]), []).append(m)
+    keys = sorted(units)
+    return ([float(np.mean([m[0] for m in units[k]])) for k in keys],
+            [float(np.mean([m[1] for m in units[k]])) for k in keys])
 
 
 def share_interval(gains, leads, level=0.95):
@@ -628,6 +636,16 @@ def chosen_row(rows):
     return max(full, key=lambda r: rows[r]["val_dice_mean"]) if full else None
 
 
+def image_groups(args, fingerprint):
+    """{image name: its group of near-copies} in the records' data (as the split grouped them), so that
+    the per-image test counts each group once; None, with a note, when --data is not that data."""
+    data = load_data(args.data, tuple(args.classes.split(",")), args.size, args.phantom_count, args.data_seed)
+    if data.fingerprint() != fingerprint:
+        print(f"note: --data {args.data} is not the data of the records; the per-image test counts every image")
+        return None
+    return dict(zip(data.names, near_duplicate_groups(data.thumbnails, data.hashes, args.near_dup)))
+
+
 def format_table(summary, args):
     """The markdown table of summarise's rows, and what it is: data, folds and seeds of its records."""
     folds = sorted({f for s in summary.values() for f in s["folds"]})
@@ -670,11 +688,11 @@ def format_table(summary, args):
         "tenth: runs whose lowest validation loss fell in the last tenth of the schedule, still improving. A class teacher is tested on its class's test images only, "
         "and its gain is over the student alone on those.",
         f"p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold and name, "
-        f"each image's Dice averaged over the seeds both rows ran ({args.n_perm} random sign flips with seed "
+        f"each image's Dice averaged over the seeds both rows ran, then over its group of near-copies (--near_dup "
+        f"{args.near_dup}), each group one unit ({args.n_perm} random sign flips with seed "
         f"{args.perm_seed} above 20 images, else exact; '< 1e-04' is the floor of {args.n_perm} flips); it is "
         f"conditional on the trained models (it asks whether these models differ on these images, not whether "
-        f"the method does over retraining): read the gain's interval for that. Near-copies of one image count as "
-        f"separate images, so p is if anything too small. Not corrected for multiple tests.",
+        f"the method does over retraining): read the gain's interval for that. Not corrected for multiple tests.",
     ]
     best = chosen_row(summary)
     if best:
@@ -979,7 +997,7 @@ def main(argv=None):
                         f"keep one study folder per data set")
     if not records:
         raise UserError(f"--out {args.out}: no records of these folds, seeds and rows there; run without --table_only")
-    summary = summarise(records, rows, args.n_perm, args.perm_seed)
+    summary = summarise(records, rows, args.n_perm, args.perm_seed, image_groups(args, fingerprints.pop()))
     table = format_table(summary, args)
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(table + "\n")

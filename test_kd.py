@@ -1744,6 +1744,12 @@ def test_summary_pairs_runs_by_fold_and_seed():
     mine, theirs = study.per_image_means(records, "L_KLD", "Student")
     assert mine[0] == pytest.approx(np.mean([base[0, 0][0] + 0.1, base[0, 1][0] + 0.2]))
     assert theirs[0] == pytest.approx(np.mean([base[0, 0][0], base[0, 1][0]]))
+    groups = {f"f{f}/img{i}": i // 2 for f in (0, 1) for i in range(12)}  # near-copies two by two
+    g_mine, g_theirs = study.per_image_means(records, "L_KLD", "Student", groups)
+    assert len(g_mine) == 12 and g_mine[0] == pytest.approx((mine[0] + mine[1]) / 2)  # img0 and img1: one unit
+    assert g_theirs[0] == pytest.approx((theirs[0] + theirs[1]) / 2)
+    grouped = study.summarise(records, ["Student", "L_KLD"], n_perm=999, perm_seed=0, groups=groups)["L_KLD"]
+    assert grouped["pairs_vs_student"] == 12 and grouped["p_vs_student"] == 2 / 2 ** 12  # exact, two-sided: 12 units
     assert summary["Teacher"]["late_best"] == 2 and s["late_best"] == 0  # kept epoch 10 of 10: still improving
     assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
     table = study.format_table(summary, study.options().parse_args(["--n_perm", "999"]))
