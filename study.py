@@ -948,6 +948,18 @@ def main(argv=None):
                             f"of its teacher; give --seeds with those seeds")
         chosen.discard(r)  # --rows all with fewer seeds: the rows that can run
     chosen |= {t for r in list(chosen) for t in teachers_of(r)}  # a _WAug row needs its teacher, T2KD its two
+    wanted = {ROWS[r]["only_class"] for r in chosen if "only_class" in ROWS[r]}  # T2KD's class teachers
+    if wanted and not args.table_only:  # said now, not after the first teachers have trained
+        labels = load_data(args.data, tuple(args.classes.split(",")), args.size, args.phantom_count,
+                           args.data_seed).labels
+        missing = sorted(wanted - set(labels))
+        if missing and args.rows != "all":
+            raise UserError(f"--rows: T2KD's class teachers need {' and '.join(missing)} images, and --data "
+                            f"{args.data} (--classes {args.classes}) has none; leave out T2KD, T2KD_noWB and the "
+                            f"class teachers")
+        if missing:
+            chosen -= {r for r in chosen if "only_class" in ROWS[r] or "teachers" in ROWS[r]}
+            print(f"note: --data {args.data} has no {' or '.join(missing)} images: the study runs without T2KD's rows")
     rows = [r for r in ROWS if r in chosen]  # the paper's order, teachers first
     if args.pictures < 0 or args.n_perm < 1 or args.perm_seed < 0 or args.data_seed < 0:
         raise UserError("--pictures, --perm_seed and --data_seed must be >= 0, and --n_perm >= 1")

@@ -2156,6 +2156,17 @@ def test_bad_options_are_one_line_errors(tmp_path, words, message):
         study.main(STUDY_TINY + ["--out", str(tmp_path)] + words)
 
 
+def test_study_refuses_class_teachers_that_the_data_cannot_have(tmp_path):
+    for i, lesion in enumerate((True, False, True, True, False, True)):  # a folder of images/ + masks/: no classes
+        m = np.zeros((32, 32), np.uint8)
+        m[8:16, 8:16] = 255 if lesion else 0
+        save_png(f"{tmp_path}/d/images/{i}.png", np.full((32, 32), 40 + 20 * i, np.uint8))
+        save_png(f"{tmp_path}/d/masks/{i}.png", m)
+    with pytest.raises(UserError, match="--rows: T2KD's class teachers need benign and malignant images"):
+        study.main(["--data", str(tmp_path / "d"), "--size", "32", "--rows", "T2KD", "--out", str(tmp_path / "s")])
+    assert not os.path.exists(tmp_path / "s" / "fold0")  # nothing trained
+
+
 def test_study_refuses_a_file_as_its_folder_and_a_broken_results_json(tmp_path):
     (tmp_path / "f").write_text("not a folder")
     with pytest.raises(UserError, match=r"--out .*f: that is a file; give a folder"):
