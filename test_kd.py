@@ -1210,6 +1210,12 @@ def test_report_gives_the_gain_with_its_interval_and_a_share_only_of_a_clear_lea
     out = capsys.readouterr().out
     assert "over 4 test images: too close to call" in out and "not clearly above 0, so no share of it is given" in out
     assert "recovered" not in out and "the student has 2.0x the teacher's parameters" in out
+    # images 0 and 1 near-copies: one unit, their gains (2 and 1 points) averaged, the interval over 3 units
+    train_student.report(teacher, 100, [("student alone", student(alone)), ("distilled", student(distilled))],
+                         units=[7, 7, 3, 5])
+    gain, low, high = kd.paired_interval([1.5, 3.0, 2.0])
+    assert f"distillation: {gain:+.2f} Dice over the student alone, 95% interval [{low:+.2f}, {high:+.2f}] " \
+           "over 4 test images (3 groups of near-copies): above 0" in capsys.readouterr().out
 
 
 def test_class_teacher_trains_on_its_class_of_the_whole_split(tiny_teacher, tmp_path):
