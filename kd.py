@@ -118,10 +118,22 @@ def t_quantile(q, df):
     return (lo + hi) / 2
 
 
-def paired_interval(d, level=0.95):
+def paired_interval(d, level=0.95, units=None):
     """Mean of paired differences d and its t interval: mean +- t(1 - (1 - level)/2, n - 1) * sd / sqrt(n).
-    Returns (mean, low, high); low and high are None for fewer than 2 pairs."""
+    units: each difference's group (near-copies of one image, nearly one image seen twice): the
+    standard error is then clustered, sqrt(G / (G - 1) * sum over groups of (sum of its d - mean)^2) / n,
+    with G - 1 degrees of freedom for G groups; with one difference per group it is sd / sqrt(n).
+    Returns (mean, low, high); low and high are None for fewer than 2 pairs (or groups)."""
     d = np.asarray(d, dtype=np.float64)
+    if units is not None:
+        units = np.asarray(units)
+        groups = np.unique(units)
+        if len(groups) < 2:
+            return float(d.mean()) if len(d) else None, None, None
+        sums = np.array([(d[units == g] - d.mean()).sum() for g in groups])
+        se = math.sqrt(len(groups) / (len(groups) - 1) * (sums ** 2).sum()) / len(d)
+        half = t_quantile(1 - (1 - level) / 2, len(groups) - 1) * se
+        return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
     if len(d) < 2:
         return float(d.mean()) if len(d) else None, None, None
     half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))

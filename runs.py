@@ -82,14 +82,19 @@ def check_options(args):
         raise UserError(f"--fold {args.fold}: must be in 0..{args.folds - 1} for --folds {args.folds}")
 
 
+def classes_of(args):
+    """--classes as a tuple of BUSI's class names, or a one-line error."""
+    classes = tuple(args.classes.split(","))
+    if not set(classes) <= set(BUSI_CLASSES) or len(set(classes)) != len(classes):
+        raise UserError(f"--classes {args.classes}: give distinct names from {','.join(BUSI_CLASSES)}")
+    return classes
+
+
 def load_split_data(args):
     """Check the options, load the data they name, return (data, split of fold args.fold). The split
     is made from --data_seed, or read from the file --split names (see save_splits)."""
     check_options(args)
-    classes = tuple(args.classes.split(","))
-    if not set(classes) <= set(BUSI_CLASSES) or len(set(classes)) != len(classes):
-        raise UserError(f"--classes {args.classes}: give distinct names from {','.join(BUSI_CLASSES)}")
-    data = load_data(args.data, classes, args.size, args.phantom_count, args.data_seed)
+    data = load_data(args.data, classes_of(args), args.size, args.phantom_count, args.data_seed)
     groups = near_duplicate_groups(data.thumbnails, data.hashes, args.near_dup)
     if getattr(args, "split", None):
         splits = load_splits(args.split, data, args.folds, args.val_fraction, args.data_seed)

@@ -638,16 +638,22 @@ def chosen_row(rows):
 
 def image_groups(args, fingerprint):
     """{image name: its group of near-copies} in the records' data (as the split grouped them), so that
-    the per-image test counts each group once; None, with a note, when --data is not that data."""
-    data = load_data(args.data, tuple(args.classes.split(",")), args.size, args.phantom_count, args.data_seed)
+    the per-image test counts each group once; None, with a note, when --data is not that data or
+    is not there (the table is then made from the records alone)."""
+    try:
+        data = load_data(args.data, runs.classes_of(args), args.size, args.phantom_count, args.data_seed)
+    except UserError as e:
+        print(f"note: {e}; the per-image test counts every image, not each group of near-copies once")
+        return None
     if data.fingerprint() != fingerprint:
         print(f"note: --data {args.data} is not the data of the records; the per-image test counts every image")
         return None
     return dict(zip(data.names, near_duplicate_groups(data.thumbnails, data.hashes, args.near_dup)))
 
 
-def format_table(summary, args):
-    """The markdown table of summarise's rows, and what it is: data, folds and seeds of its records."""
+def format_table(summary, args, grouped=False):
+    """The markdown table of summarise's rows, and what it is: data, folds and seeds of its records.
+    grouped: whether the per-image test counted each group of near-copies once."""
     folds = sorted({f for s in summary.values() for f in s["folds"]})
     seeds = sorted({x for s in summary.values() for x in s["seeds"]})
     pct = lambda x: f"{100 * x:.2f}"
@@ -687,10 +693,12 @@ def format_table(summary, args):
         "gain - r x lead over the pairs holds 0; none when the lead is not clearly above 0). Best epoch in last "
         "tenth: runs whose lowest validation loss fell in the last tenth of the schedule, still improving. A class teacher is tested on its class's test images only, "
         "and its gain is over the student alone on those.",
-        f"p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold and name, "
-        f"each image's Dice averaged over the seeds both rows ran, then over its group of near-copies (--near_dup "
-        f"{args.near_dup}), each group one unit ({args.n_perm} random sign flips with seed "
-        f"{args.perm_seed} above 20 images, else exact; '< 1e-04' is the floor of {args.n_perm} flips); it is "
+        "p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold and name, "
+        "each image's Dice averaged over the seeds both rows ran"
+        + (f", then over its group of near-copies (--near_dup {args.near_dup}), each group one unit" if grouped else
+           ", each image one unit")
+        + f" ({args.n_perm} random sign flips with seed {args.perm_seed} above 20 units, else exact; '< 1e-04' is "
+        f"the floor of {args.n_perm} flips); it is "
         f"conditional on the trained models (it asks whether these models differ on these images, not whether "
         f"the method does over retraining): read the gain's interval for that. Not corrected for multiple tests.",
     ]
@@ -950,8 +958,7 @@ def main(argv=None):
     chosen |= {t for r in list(chosen) for t in teachers_of(r)}  # a _WAug row needs its teacher, T2KD its two
     wanted = {ROWS[r]["only_class"] for r in chosen if "only_class" in ROWS[r]}  # T2KD's class teachers
     if wanted and not args.table_only:  # said now, not after the first teachers have trained
-        labels = load_data(args.data, tuple(args.classes.split(",")), args.size, args.phantom_count,
-                           args.data_seed).labels
+        labels = load_data(args.data, runs.classes_of(args), args.size, args.phantom_count, args.data_seed).labels
         missing = sorted(wanted - set(labels))
         if missing and args.rows != "all":
             raise UserError(f"--rows: T2KD's class teachers need {' and '.join(missing)} images, and --data "
@@ -1009,8 +1016,9 @@ def main(argv=None):
                         f"keep one study folder per data set")
     if not records:
         raise UserError(f"--out {args.out}: no records of these folds, seeds and rows there; run without --table_only")
-    summary = summarise(records, rows, args.n_perm, args.perm_seed, image_groups(args, fingerprints.pop()))
-    table = format_table(summary, args)
+    groups = image_groups(args, fingerprints.pop())
+    summary = summarise(records, rows, args.n_perm, args.perm_seed, groups)
+    table = format_table(summary, args, groups is not None)
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(table + "\n")
     chosen_options = {k: v for k, v in vars(args).items() if k != "precisions_seen"}

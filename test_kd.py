@@ -857,6 +857,16 @@ def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(monkeypatch, c
     assert len(used) == 4 * 2 and sorted(set(flat)) == split["train"]  # training never indexes a val or test image
 
 
+def test_clustered_interval_is_the_plain_one_for_single_images_and_widens_for_copies():
+    rng = np.random.default_rng(0)
+    d = rng.normal(1, 2, 30)
+    plain = kd.paired_interval(d)
+    assert kd.paired_interval(d, units=list(range(30))) == pytest.approx(plain)  # one image per group
+    twice = kd.paired_interval(np.repeat(d, 2), units=np.repeat(np.arange(30), 2))  # each image seen twice
+    assert twice == pytest.approx(plain)  # is the same evidence, not twice as much
+    assert kd.paired_interval(np.repeat(d, 2))[2] < plain[2]  # counted as 60 images, the interval narrows
+
+
 def test_lr_factor_worked_by_hand():
     assert kd.lr_factor(7, 10, 2, "constant") == 1.0
     cosine = [kd.lr_factor(s, 10, 2, "cosine") for s in range(10)]
@@ -1210,12 +1220,17 @@ def test_report_gives_the_gain_with_its_interval_and_a_share_only_of_a_clear_lea
     out = capsys.readouterr().out
     assert "over 4 test images: too close to call" in out and "not clearly above 0, so no share of it is given" in out
     assert "recovered" not in out and "the student has 2.0x the teacher's parameters" in out
-    # images 0 and 1 near-copies: one unit, their gains (2 and 1 points) averaged, the interval over 3 units
-    train_student.report(teacher, 100, [("student alone", student(alone)), ("distilled", student(distilled))],
+    # images 0 and 1 near-copies: the mean over images stays, its standard error is clustered over 3 groups:
+    # gains 2, 1 | 3 | 2 about their mean 2 sum to -1, +1, 0 per group; se = sqrt(3/2 * 2) / 4, t with 2 df
+    uneven = dict(dice=0.7, per_image_dice=[0.6, 0.8, 0.8, 0.9])  # leads 10, 20 | 10 | 10: sums 5, -2.5, -2.5
+    train_student.report(uneven, 100, [("student alone", student(alone)), ("distilled", student(distilled))],
                          units=[7, 7, 3, 5])
-    gain, low, high = kd.paired_interval([1.5, 3.0, 2.0])
-    assert f"distillation: {gain:+.2f} Dice over the student alone, 95% interval [{low:+.2f}, {high:+.2f}] " \
-           "over 4 test images (3 groups of near-copies): above 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    half = kd.t_quantile(0.975, 2) * math.sqrt(3 / 2 * 2) / 4
+    assert f"distillation: +2.00 Dice over the student alone, 95% interval [{2 - half:+.2f}, {2 + half:+.2f}] " \
+           "over 4 test images in 3 groups of near-copies: above 0" in out
+    half = kd.t_quantile(0.975, 2) * math.sqrt(3 / 2 * (5 ** 2 + 2 * 2.5 ** 2)) / 4
+    assert f"lead over the student alone: +12.50 [{12.5 - half:+.2f}, {12.5 + half:+.2f}]" in out
 
 
 def test_class_teacher_trains_on_its_class_of_the_whole_split(tiny_teacher, tmp_path):
@@ -1759,6 +1774,8 @@ def test_summary_pairs_runs_by_fold_and_seed():
     assert summary["Teacher"]["late_best"] == 2 and s["late_best"] == 0  # kept epoch 10 of 10: still improving
     assert summary["Student"]["p_vs_student"] is None and summary["Student"]["gain"] == (None, None, None)
     table = study.format_table(summary, study.options().parse_args(["--n_perm", "999"]))
+    assert "each image one unit" in table and "group of near-copies" not in table
+    assert "each group one unit" in study.format_table(summary, study.options().parse_args([]), grouped=True)
     assert "| L_KLD | 4 |" in table and "| +15.00 / +35.00; +20.00 / +30.00 |" in table and "| < 1e-03 |" in table
     assert f"as many runs as the student alone): L_KLD, gain {study.gain_text(s['gain'])}, above 0." in table
     records[("H_MSE", 0, 0)] = rec("H_MSE", 0, 0, base[0, 0])  # one run of four: named, never chosen
@@ -2162,7 +2179,7 @@ def test_bad_options_are_one_line_errors(tmp_path, words, message):
         study.main(STUDY_TINY + ["--out", str(tmp_path)] + words)
 
 
-def test_study_refuses_class_teachers_that_the_data_cannot_have(tmp_path):
+def test_study_refuses_class_teachers_that_the_data_cannot_have(tmp_path, monkeypatch):
     for i, lesion in enumerate((True, False, True, True, False, True)):  # a folder of images/ + masks/: no classes
         m = np.zeros((32, 32), np.uint8)
         m[8:16, 8:16] = 255 if lesion else 0
@@ -2171,6 +2188,26 @@ def test_study_refuses_class_teachers_that_the_data_cannot_have(tmp_path):
     with pytest.raises(UserError, match="--rows: T2KD's class teachers need benign and malignant images"):
         study.main(["--data", str(tmp_path / "d"), "--size", "32", "--rows", "T2KD", "--out", str(tmp_path / "s")])
     assert not os.path.exists(tmp_path / "s" / "fold0")  # nothing trained
+    planned = []  # --rows all: the study goes on without T2KD's rows
+
+    def first_pass(f, seeds, teachers, students, *a):
+        planned.extend(teachers + students)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "one_pass", first_pass)
+    with pytest.raises(SystemExit):
+        study.main(["--data", str(tmp_path / "d"), "--size", "32", "--rows", "all", "--out", str(tmp_path / "s")])
+    assert "Teacher" in planned and "DCKD" in planned and not {"T2KD", "T2KD_noWB", "Teacher_benign"} & set(planned)
+
+
+def test_study_groups_only_the_records_own_data(tmp_path, capsys):
+    args = study.options().parse_args(["--data", "phantom", "--phantom_count", "24", "--size", "32"])
+    d = data.load_data("phantom", ("benign", "malignant"), 32, 24, 0)
+    groups = study.image_groups(args, d.fingerprint())
+    assert groups == dict(zip(d.names, data.near_duplicate_groups(d.thumbnails, d.hashes, 0.95)))
+    assert study.image_groups(args, "another data set") is None and "not the data of the records" in capsys.readouterr().out
+    args.data = str(tmp_path / "gone")  # records whose data is not on this disk: the table from the records alone
+    assert study.image_groups(args, d.fingerprint()) is None and "counts every image" in capsys.readouterr().out
 
 
 def test_study_refuses_a_file_as_its_folder_and_a_broken_results_json(tmp_path):

@@ -336,19 +336,10 @@ def student_alone(args, teacher, data, split, device, dtype, paths):
 
 # ----------------------------------------------------------------------------- 3. the report
 
-def per_unit(values, units):
-    """The mean of `values` per unit (units[i]: the group of near-copies of image i): near-copies
-    are nearly one image seen twice, so each group counts once in an interval over test images."""
-    by = {}
-    for v, u in zip(values, units):
-        by.setdefault(u, []).append(v)
-    return [sum(v) / len(v) for v in by.values()]
-
-
 def report(teacher_test, n_teacher, students, units=None):
     """The table that shows what distillation did: teacher, student alone, distilled student, and
     the distilled student's gain with its 95% interval over the test images (paired image by image;
-    with `units`, each test image's group of near-copies, over the groups)."""
+    `units`: each test image's group of near-copies, which makes the interval's standard error clustered)."""
     dice = lambda r: 100 * r["dice"]
     rows = [("teacher", n_teacher, teacher_test)] + [(name, c["parameters"], c["test"]) for name, c in students]
     w = max(len(name) for name, _, _ in rows) + 2
@@ -358,15 +349,15 @@ def report(teacher_test, n_teacher, students, units=None):
     if len(students) == 2:
         alone, distilled = (c["test"]["per_image_dice"] for _, c in students)
         units = units or list(range(len(alone)))
-        gain, lo, hi = kd.paired_interval(per_unit([100 * (d - a) for d, a in zip(distilled, alone)], units))
+        gain, lo, hi = kd.paired_interval([100 * (d - a) for d, a in zip(distilled, alone)], units=units)
         verdict = "above 0" if lo > 0 else "below 0" if hi < 0 else "too close to call"
         groups = len(set(units))
-        over = f"{len(alone)} test images" + (f" ({groups} groups of near-copies)" if groups < len(alone) else "")
+        over = f"{len(alone)} test images" + (f" in {groups} groups of near-copies" if groups < len(alone) else "")
         print(f"distillation: {gain:+.2f} Dice over the student alone, 95% interval [{lo:+.2f}, {hi:+.2f}] over "
               f"{over}: {verdict} (conditional on these two trained models and this split)")
         if len(teacher_test["per_image_dice"]) == len(alone):
-            lead, lo, hi = kd.paired_interval(per_unit([100 * (t - a) for t, a in
-                                                        zip(teacher_test["per_image_dice"], alone)], units))
+            lead, lo, hi = kd.paired_interval([100 * (t - a) for t, a in zip(teacher_test["per_image_dice"], alone)],
+                                              units=units)
             share = (f"distillation recovered {100 * gain / lead:.0f}% of it" if lo > 0 else
                      "not clearly above 0, so no share of it is given")
             print(f"the teacher's lead over the student alone: {lead:+.2f} [{lo:+.2f}, {hi:+.2f}]; {share}")
@@ -425,7 +416,7 @@ def main(argv=None):
 
     # 4. What distillation did
     teacher_test = evaluate_teacher(teacher, data, split, device, dtype, args, small.masks)
-    groups = near_duplicate_groups(data.thumbnails, data.hashes, args.near_dup)  # as the split groups them
+    groups = near_duplicate_groups(data.thumbnails, data.hashes, args.near_dup)  # each set of near-copies: one group
     report(teacher_test, count_parameters(teacher), students, [groups[i] for i in split["test"]])
     return dict(ckpt, teacher_test=teacher_test)
 
