@@ -691,8 +691,8 @@ def format_table(summary, args, grouped=False):
         "else too close to call. Share of teacher's lead: mean gain / mean lead of its teacher over the student "
         "alone, on the row's own pairs, with its 95% Fieller interval (the shares r for which the t interval of "
         "gain - r x lead over the pairs holds 0; none when the lead is not clearly above 0). Best epoch in last "
-        "tenth: runs whose lowest validation loss fell in the last tenth of the schedule, still improving. A class teacher is tested on its class's test images only, "
-        "and its gain is over the student alone on those.",
+        "tenth: runs whose lowest validation loss fell in the last tenth of the schedule, still improving. A class "
+        "teacher is tested on its class's test images only, and its gain is over the student alone on those.",
         "p: two-sided paired sign-flip permutation test on per-image test Dice, images matched by fold and name, "
         "each image's Dice averaged over the seeds both rows ran"
         + (f", then over its group of near-copies (--near_dup {args.near_dup}), each group one unit" if grouped else

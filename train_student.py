@@ -275,8 +275,8 @@ def train(args, teacher, n_teacher, data, split, device, dtype, tag, teacher_ima
     fitted = kd.fit(student, images, masks, split, step, device=device, dtype=dtype, extras=extras,
                  epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                  schedule=args.schedule, warmup=args.warmup, select=args.select, aug=args.aug, seed=seed,
-                 dice_weight=args.dice_weight, sup=args.sup, generators=step.generators, teacher_images=teacher_images,
-                 resume=runs.resume_state(args, tag),
+                 dice_weight=args.dice_weight, sup=args.sup, generators=step.generators,
+                 teacher_images=teacher_images, resume=runs.resume_state(args, tag),
                  save=runs.state_saver(runs.state_path(args.out), tag))
     student.load_state_dict(fitted["best_state"])
     test = kd.evaluate(student, images, masks, split["test"], device, dtype, args.batch_size, args.dice_weight,
