@@ -125,18 +125,17 @@ def paired_interval(d, level=0.95, units=None):
     with G - 1 degrees of freedom for G groups; with one difference per group it is sd / sqrt(n).
     Returns (mean, low, high); low and high are None for fewer than 2 pairs (or groups)."""
     d = np.asarray(d, dtype=np.float64)
-    if units is not None:
-        units = np.asarray(units)
-        groups = np.unique(units)
-        if len(groups) < 2:
-            return float(d.mean()) if len(d) else None, None, None
-        sums = np.array([(d[units == g] - d.mean()).sum() for g in groups])
-        se = math.sqrt(len(groups) / (len(groups) - 1) * (sums ** 2).sum()) / len(d)
-        half = t_quantile(1 - (1 - level) / 2, len(groups) - 1) * se
-        return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
-    if len(d) < 2:
+    groups = len(d) if units is None else len(set(units))
+    if groups < 2:
         return float(d.mean()) if len(d) else None, None, None
-    half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    if units is None:  # the standard error is spread / scale
+        spread, scale = d.std(ddof=1), math.sqrt(len(d))
+    else:
+        sums = {}
+        for x, u in zip(d - d.mean(), units):
+            sums[u] = sums.get(u, 0.0) + x
+        spread, scale = math.sqrt(groups / (groups - 1) * sum(v * v for v in sums.values())), len(d)
+    half = t_quantile(1 - (1 - level) / 2, groups - 1) * spread / scale
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 

@@ -129,7 +129,8 @@ def options():
     add("--device", help="auto (cuda, then mps, then cpu), or a torch device")
     add("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision: auto, bf16, fp16 or off (fp32)")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training forward passes")
-    add("--n_perm", type=int, help="random sign flips of the permutation test when there are more than 20 pairs")
+    add("--n_perm", type=int, help=f"random sign flips of the permutation test when there are more than {EXACT_UP_TO} "
+        "pairs")
     add("--perm_seed", type=int, help="seed of those sign flips")
     add("--table_only", action=argparse.BooleanOptionalAction, help="train nothing: print the table from the records "
         "already in --out (a part of the runs, or all of them)")
@@ -457,6 +458,9 @@ def wait_for(held, args):
 
 # ----------------------------------------------------------------------------- the paired test
 
+EXACT_UP_TO = 20  # pairs up to which the permutation test enumerates every sign pattern
+
+
 def paired_permutation_test(a, b, n_perm=10000, seed=0):
     """Two-sided paired sign-flip permutation test of mean(a - b) = 0; returns the p-value.
 
@@ -473,7 +477,7 @@ def paired_permutation_test(a, b, n_perm=10000, seed=0):
                          f"{np.shape(a)} and {np.shape(b)}")
     observed = abs(d.sum())  # |sum| ranks patterns exactly as |mean| does: n is the same for all
     tol = 1e-9 * max(1.0, observed)  # sums added in another order differ in the last bits
-    if len(d) <= 20:
+    if len(d) <= EXACT_UP_TO:
         sums = np.zeros(1)
         for x in d:  # every sign pattern's sum, built one difference at a time: 2^n values
             sums = np.concatenate([sums + x, sums - x])
@@ -583,12 +587,12 @@ def share_interval(gains, leads, level=0.95):
     return share, float((b - half) / a), float((b + half) / a)
 
 
-def _p(p, n_perm, pairs=21):
+def _p(p, n_perm, exact=False):
     """A p-value as printed; one at the floor of n_perm random sign flips, 1 / (n_perm + 1), as '< 1e-04'
-    (only there: over 20 pairs or fewer the test is exact and p is printed as it is)."""
+    (only there: an exact test's p, over EXACT_UP_TO pairs or fewer, is printed as it is)."""
     if p is None:
         return "—"
-    if pairs > 20 and p * (n_perm + 1) <= 1 + 1e-9:
+    if not exact and p * (n_perm + 1) <= 1 + 1e-9:
         return f"< {10.0 ** math.ceil(math.log10(p)):.0e}"
     return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
@@ -670,10 +674,10 @@ def format_table(summary, args, grouped=False):
         by = lambda means: " / ".join(signed(v) for v in means.values())
         split_gain = "—" if g[0] is None else f"{by(s['gain_by_fold'])}; {by(s['gain_by_seed'])}"
         share = share_text(s.get("share_of_lead"))
+        p_vs = lambda base: _p(s[f"p_vs_{base}"], args.n_perm, s[f"pairs_vs_{base}"] <= EXACT_UP_TO)
         lines.append(f"| {name} | {s['runs']} | {pct(s['dice_mean'])}{spread} | {pct(s['val_dice_mean'])} | {gain} "
                      f"| {verdict(g) if g[0] is not None else '—'} | {split_gain} | {share} | {s['late_best']} of {s['runs']} "
-                     f"| {runs.fmt_params(s['parameters'])} | {_p(s['p_vs_teacher'], args.n_perm, s['pairs_vs_teacher'])} "
-                     f"| {_p(s['p_vs_student'], args.n_perm, s['pairs_vs_student'])} | {s['paper'] or '—'} |")
+                     f"| {runs.fmt_params(s['parameters'])} | {p_vs('teacher')} | {p_vs('student')} | {s['paper'] or '—'} |")
     precisions = sorted({p for s in summary.values() for p in s["precision"]})
     lines += [
         "",
@@ -697,8 +701,8 @@ def format_table(summary, args, grouped=False):
         "each image's Dice averaged over the seeds both rows ran"
         + (f", then over its group of near-copies (--near_dup {args.near_dup}), each group one unit" if grouped else
            ", each image one unit")
-        + f" ({args.n_perm} random sign flips with seed {args.perm_seed} above 20 units, else exact; '< 1e-04' is "
-        f"the floor of {args.n_perm} flips); it is "
+        + f" ({args.n_perm} random sign flips with seed {args.perm_seed} above {EXACT_UP_TO} units, else exact; "
+        f"'< 1e-04' is the floor of {args.n_perm} flips); it is "
         f"conditional on the trained models (it asks whether these models differ on these images, not whether "
         f"the method does over retraining): read the gain's interval for that. Not corrected for multiple tests.",
     ]

@@ -950,25 +950,12 @@ def test_every_form_of_teacher_distils_in_eval_mode(tiny_teacher, tmp_path, monk
     assert not any(m.training for teacher in seen for m in teacher.modules())  # BatchNorm on its running statistics
 
 
-class Answer(nn.Module):
-    """A fake teacher that gives the same logits (background, lesion) at every pixel."""
-    feature_channels = {"bottleneck": 3}
-
-    def __init__(self, background, lesion):
-        super().__init__()
-        self.logits = torch.tensor([background, lesion]).view(1, 2, 1, 1)
-
-    def forward(self, x, return_features=False):
-        logits = self.logits.expand(len(x), 2, *x.shape[2:])
-        return (logits, {"bottleneck": torch.zeros(len(x), 3, 1, 1)}) if return_features else logits
-
-
 def test_averaged_class_teachers_are_tested_as_the_one_teacher_they_are():
     d = data.make_phantom(8, 32, 0)
     split = dict(train=[0, 1], val=[2], test=[3, 4, 5, 6, 7])
     assert {d.labels[i] for i in split["test"]} == {"benign", "malignant"}
     cpu, args = torch.device("cpu"), types.SimpleNamespace(batch_size=4, dice_weight=0.0)
-    members = [Answer(0.0, 6.0), Answer(4.0, 0.0)]  # the benign teacher: lesion everywhere; the malignant: nowhere
+    members = [Constant(0.0, 6.0), Constant(4.0, 0.0)]  # the benign teacher: lesion everywhere; the malignant: nowhere
     everywhere, nowhere = (kd.evaluate(m, d.images, d.masks, split["test"], cpu, None, 4)["per_image_dice"]
                            for m in members)
     assert min(everywhere) > 0 and max(nowhere) == 0  # every test image has a lesion
@@ -1573,16 +1560,17 @@ def test_bad_options_and_help(tiny_teacher, tmp_path):
 # ----------------------------------------------------------------------------- the scripts: T2KD and DCKD in the student
 
 class Constant(nn.Module):
-    """A fake teacher whose logits and bottleneck are one constant, so routing can be read off."""
+    """A fake teacher whose logits and bottleneck are one constant, so routing can be read off; with
+    `lesion`, its lesion logit is that other constant."""
     feature_channels = {"bottleneck": 3}
 
-    def __init__(self, value):
+    def __init__(self, value, lesion=None):
         super().__init__()
-        self.value = value
+        self.value, self.lesion = value, value if lesion is None else lesion
 
     def forward(self, x, return_features=False):
         n, _, h, w = x.shape
-        logits = torch.full((n, 2, h, w), self.value)
+        logits = torch.tensor([self.value, self.lesion]).view(1, 2, 1, 1).repeat(n, 1, h, w)
         return (logits, {"bottleneck": torch.full((n, 3, h // 16 or 1, w // 16 or 1), self.value)}) if return_features else logits
 
 
@@ -1731,7 +1719,7 @@ def test_t_quantile_and_paired_interval():
 def test_p_values_at_the_monte_carlo_floor_are_printed_as_a_bound():
     assert study._p(1 / 10001, 10000) == "< 1e-04" and study._p(2 / 10001, 10000) == "2.0e-04"
     assert study._p(0.25, 10000) == "0.2500" and study._p(None, 10000) == "—"
-    assert study._p(2 / 2 ** 16, 10000, pairs=16) == "3.1e-05"  # exact over 16 pairs: no floor to speak of
+    assert study._p(2 / 2 ** 16, 10000, exact=True) == "3.1e-05"  # exact over 16 pairs: no floor to speak of
 
 
 def test_summary_pairs_runs_by_fold_and_seed():

@@ -348,10 +348,9 @@ def report(teacher_test, n_teacher, students, units=None):
         print(f"{name:{w}s}{runs.fmt_params(n):>10s}  {dice(r):9.2f}")
     if len(students) == 2:
         alone, distilled = (c["test"]["per_image_dice"] for _, c in students)
-        units = units or list(range(len(alone)))
         gain, lo, hi = kd.paired_interval([100 * (d - a) for d, a in zip(distilled, alone)], units=units)
         verdict = "above 0" if lo > 0 else "below 0" if hi < 0 else "too close to call"
-        groups = len(set(units))
+        groups = len(alone) if units is None else len(set(units))
         over = f"{len(alone)} test images" + (f" in {groups} groups of near-copies" if groups < len(alone) else "")
         print(f"distillation: {gain:+.2f} Dice over the student alone, 95% interval [{lo:+.2f}, {hi:+.2f}] over "
               f"{over}: {verdict} (conditional on these two trained models and this split)")
